@@ -1,0 +1,137 @@
+//! Turning a [`VmConfig`] into a ready-to-run [`Microvm`] in one step.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use linux_loader::loader::Cmdline;
+use moat_config::{SerialOutput, VmConfig, MAX_CMDLINE_LEN};
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, EntryPoint};
+use crate::arch::x86_64::{layout, mptable};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::{control, i8042, serial, ControlPort, SerialConsole, SerialSink, I8042};
+use crate::devices::StopSink;
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
+use crate::vstate::vm::{self, Vm, VmError};
+use crate::Microvm;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("invalid VM config")]
+    Config(#[from] moat_config::ConfigError),
+    #[error(transparent)]
+    Kvm(#[from] VmError),
+    #[error("{requested} vCPUs requested but this host's KVM allows at most {max}")]
+    TooManyVcpus { requested: u8, max: usize },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    #[error(transparent)]
+    Mptable(#[from] mptable::MptableError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot open serial output {0}")]
+    SerialFile(String, #[source] std::io::Error),
+    #[error("cannot create an eventfd")]
+    EventFd(#[source] std::io::Error),
+    #[error("device layout")]
+    Bus(#[from] BusError),
+    #[error("test guest code does not fit in guest memory")]
+    TestCode(#[source] vm_memory::GuestMemoryError),
+}
+
+impl TryFrom<VmConfig> for Microvm {
+    type Error = BuildError;
+
+    fn try_from(config: VmConfig) -> Result<Microvm, BuildError> {
+        config.validate()?;
+        let serial = match &config.serial {
+            SerialOutput::Stdout => SerialSink::stdout(),
+            SerialOutput::None => SerialSink::discard(),
+            SerialOutput::File(p) => {
+                SerialSink::file(p).map_err(|e| BuildError::SerialFile(p.display().to_string(), e))?
+            }
+        };
+        let parts = Parts::new(config.vcpus, config.memory_bytes(), serial)?;
+        let mem = parts.vm.memory();
+        let kernel = boot::load_kernel(mem, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => {
+                let below_gap = config.memory_bytes().min(layout::MMIO_GAP_START);
+                Some(boot::load_initrd(mem, path, kernel.kernel_end, below_gap)?)
+            }
+            None => None,
+        };
+        let cmdline = Cmdline::try_from(&config.cmdline, MAX_CMDLINE_LEN)
+            .map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
+        boot::write_boot_params(mem, &kernel, &cmdline, initrd, config.memory_bytes())?;
+        mptable::setup(mem, config.vcpus)?;
+        parts.finish(kernel.entry)
+    }
+}
+
+impl Microvm {
+    /// A VM that runs `code` in 16-bit real mode from guest address 0x1000, with the
+    /// same devices as a real one. For plumbing tests on any KVM (the PVM kind
+    /// included), where booting Linux is not possible.
+    pub fn with_test_code(code: &[u8], memory_mib: u32, serial: SerialSink) -> Result<Microvm, BuildError> {
+        let parts = Parts::new(1, u64::from(memory_mib) << 20, serial)?;
+        let entry = GuestAddress(0x1000);
+        parts.vm.memory().write_slice(code, entry).map_err(BuildError::TestCode)?;
+        parts.finish(EntryPoint::Real16(entry))
+    }
+}
+
+/// A VM with memory, interrupt controllers and devices, before its vCPUs exist.
+struct Parts {
+    vm: Vm,
+    kvm: kvm_ioctls::Kvm,
+    vcpus: u8,
+    ctx: VcpuContext,
+    serial: SerialSink,
+    ready: Arc<Mutex<Option<control::BootTimes>>>,
+}
+
+impl Parts {
+    fn new(vcpus: u8, mem_bytes: u64, serial: SerialSink) -> Result<Parts, BuildError> {
+        let started = crate::started();
+        let kvm = vm::open_kvm()?;
+        let max = kvm.get_max_vcpus();
+        if usize::from(vcpus) > max {
+            return Err(BuildError::TooManyVcpus { requested: vcpus, max });
+        }
+        let vm = Vm::new(&kvm, memory::create_guest_memory(mem_bytes)?)?;
+        let sink = Arc::new(StopSink::new().map_err(BuildError::EventFd)?);
+        let exits = Arc::new(AtomicU64::new(0));
+
+        let mut pio = Bus::new();
+        let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        vm.register_irq(&com1_irq, serial::COM1_IRQ)?;
+        let console = SerialConsole::new(com1_irq, serial.clone());
+        pio.insert(serial::COM1_BASE, serial::COM1_LEN, Arc::new(Mutex::new(console)))?;
+        pio.insert(i8042::I8042_BASE, i8042::I8042_LEN, Arc::new(Mutex::new(I8042::new(sink.clone()))))?;
+        let control = ControlPort::new(started, exits.clone(), sink.clone());
+        let ready = control.ready_slot();
+        pio.insert(control::CONTROL_BASE, control::CONTROL_LEN, Arc::new(Mutex::new(control)))?;
+
+        let ctx = VcpuContext { pio: Arc::new(pio), mmio: Arc::new(Bus::new()), sink, exits };
+        Ok(Parts { vm, kvm, vcpus, ctx, serial, ready })
+    }
+
+    fn finish(self, entry: EntryPoint) -> Result<Microvm, BuildError> {
+        let supported = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| BuildError::Kvm(VmError::Setup("CPUID", e)))?;
+        let vcpus = (0..self.vcpus)
+            .map(|id| Vcpu::new(self.vm.fd(), self.vm.memory(), &supported, id, self.vcpus, entry, self.ctx.clone()))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Microvm { vm: self.vm, vcpus, ctx: self.ctx, serial: self.serial, ready: self.ready, started: Instant::now() })
+    }
+}

@@ -1,0 +1,180 @@
+//! The guest's console: an 8250 UART (vm-superio) whose output goes to stdout or a file.
+
+use std::fs::OpenOptions;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use vm_superio::{Serial, Trigger};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::super::bus::BusDevice;
+
+/// COM1: what `console=ttyS0` drives.
+pub const COM1_BASE: u64 = 0x3f8;
+pub const COM1_LEN: u64 = 8;
+pub const COM1_IRQ: u32 = 4;
+
+/// Raises the UART's interrupt through an irqfd.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = io::Error;
+    fn trigger(&self) -> io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where console bytes go. Buffered by line: the UART flushes after every byte, which
+/// would cost a write(2) per byte; a line at a time keeps console output cheap while a
+/// line is never held back once complete. [`SerialSink::flush_all`] pushes out a
+/// partial last line when the VM stops.
+#[derive(Clone)]
+pub struct SerialSink {
+    inner: Arc<Mutex<LineBuffer>>,
+}
+
+struct LineBuffer {
+    out: Option<Box<dyn Write + Send>>,
+    buf: Vec<u8>,
+}
+
+const MAX_PENDING: usize = 4096;
+
+impl SerialSink {
+    pub fn stdout() -> SerialSink {
+        Self::with(Some(Box::new(io::stdout())))
+    }
+
+    pub fn file(path: &Path) -> io::Result<SerialSink> {
+        let f = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self::with(Some(Box::new(f))))
+    }
+
+    pub fn discard() -> SerialSink {
+        Self::with(None)
+    }
+
+    pub fn with(out: Option<Box<dyn Write + Send>>) -> SerialSink {
+        SerialSink { inner: Arc::new(Mutex::new(LineBuffer { out, buf: Vec::with_capacity(256) })) }
+    }
+
+    /// Writes out whatever is buffered, complete line or not.
+    pub fn flush_all(&self) {
+        let mut lb = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        lb.drain();
+    }
+}
+
+impl LineBuffer {
+    fn drain(&mut self) {
+        if let Some(out) = self.out.as_mut() {
+            // Console output is best effort: a closed stdout must not stop the guest.
+            let _ = out.write_all(&self.buf).and_then(|_| out.flush());
+        }
+        self.buf.clear();
+    }
+}
+
+impl Write for SerialSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut lb = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if lb.out.is_none() {
+            return Ok(data.len());
+        }
+        lb.buf.extend_from_slice(data);
+        if data.contains(&b'\n') || lb.buf.len() >= MAX_PENDING {
+            lb.drain();
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // Deliberately lazy; see the type's documentation.
+        Ok(())
+    }
+}
+
+/// The UART on the port bus.
+pub struct SerialConsole {
+    uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialSink>,
+}
+
+impl SerialConsole {
+    pub fn new(irq: EventFd, out: SerialSink) -> SerialConsole {
+        SerialConsole { uart: Serial::new(IrqTrigger(irq), out) }
+    }
+}
+
+impl BusDevice for SerialConsole {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        if data.len() == 1 && offset < COM1_LEN {
+            data[0] = self.uart.read(offset as u8);
+        } else {
+            data.fill(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if data.len() == 1 && offset < COM1_LEN {
+            // The only failures are from the sink or the irqfd, neither of which the
+            // guest can do anything about; the byte is dropped and the guest goes on.
+            let _ = self.uart.write(offset as u8, data[0]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, d: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(d);
+            Ok(d.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn console_output_is_line_buffered_and_complete() {
+        let captured = Shared::default();
+        let sink = SerialSink::with(Some(Box::new(captured.clone())));
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut uart = SerialConsole::new(irq.try_clone().expect("clone"), sink.clone());
+        for b in b"hello\nwor" {
+            uart.write(0, &[*b]);
+        }
+        assert_eq!(captured.0.lock().expect("lock").as_slice(), b"hello\n");
+        sink.flush_all();
+        assert_eq!(captured.0.lock().expect("lock").as_slice(), b"hello\nwor");
+    }
+
+    #[test]
+    fn line_status_reports_transmitter_empty() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut uart = SerialConsole::new(irq, SerialSink::discard());
+        let mut lsr = [0u8];
+        uart.read(5, &mut lsr);
+        // THR empty and transmitter idle: the guest driver may send.
+        assert_eq!(lsr[0] & 0x60, 0x60);
+        // Wide or out-of-range accesses are answered with zeros, never a panic.
+        let mut wide = [0xffu8; 4];
+        uart.read(0, &mut wide);
+        assert_eq!(wide, [0; 4]);
+        uart.write(100, &[1]);
+    }
+
+    #[test]
+    fn interrupt_on_transmit_when_enabled() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut uart = SerialConsole::new(irq.try_clone().expect("clone"), SerialSink::discard());
+        uart.write(1, &[0x02]); // IER: THR empty interrupt
+        uart.write(0, b"x");
+        assert!(irq.read().expect("irq raised") >= 1);
+    }
+}

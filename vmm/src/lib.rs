@@ -1,0 +1,168 @@
+//! moat-vmm: the minimal virtual machine monitor that runs one moat pod.
+//!
+//! A [`moat_config::VmConfig`] becomes a [`Microvm`] in one step
+//! (`Microvm::try_from`); [`Microvm::run`] runs it until the guest powers off, resets,
+//! fails, or the VMM is told to stop by a signal.
+
+pub mod arch;
+pub mod builder;
+pub mod devices;
+pub mod vstate;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use std::os::fd::AsFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+pub use builder::BuildError;
+pub use devices::legacy::{BootTimes, SerialSink};
+pub use devices::StopReason;
+
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
+/// When this VMM process started (the first call fixes it; `main` calls it first).
+pub fn started() -> Instant {
+    *STARTED.get_or_init(Instant::now)
+}
+
+/// A VM ready to run: memory loaded, devices wired, vCPUs configured.
+pub struct Microvm {
+    vm: vstate::vm::Vm,
+    vcpus: Vec<vstate::vcpu::Vcpu>,
+    ctx: vstate::vcpu::VcpuContext,
+    serial: SerialSink,
+    ready: Arc<Mutex<Option<BootTimes>>>,
+    started: Instant,
+}
+
+/// How a VM run ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub reason: StopReason,
+    /// When the agent reported ready, if it did.
+    pub boot: Option<BootTimes>,
+    /// Exits to the VMM over the whole run.
+    pub exits: u64,
+    pub ran_for: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot set up signal handling")]
+    Signals(#[source] nix::Error),
+    #[error("cannot start a vCPU thread")]
+    Thread(#[source] std::io::Error),
+    #[error("waiting for the VM failed")]
+    Poll(#[source] nix::Error),
+}
+
+/// The signal that kicks a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    SIGRTMIN()
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: being interrupted makes KVM_RUN return EINTR, and the vCPU loop
+    // then sees that the VM is stopping.
+}
+
+impl Microvm {
+    /// The guest's memory (tests read what a guest wrote).
+    pub fn memory(&self) -> &vm_memory::GuestMemoryMmap {
+        self.vm.memory()
+    }
+
+    /// Runs the VM until it stops; every vCPU thread has ended when this returns.
+    pub fn run(self) -> Result<Outcome, RunError> {
+        // Stop requests arrive as signals on a signalfd; block them first so every
+        // thread spawned below inherits the mask and none is killed by them.
+        let mut stop_signals = SigSet::empty();
+        for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+            stop_signals.add(s);
+        }
+        stop_signals.thread_block().map_err(RunError::Signals)?;
+        let sfd =
+            SignalFd::with_flags(&stop_signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(RunError::Signals)?;
+        register_signal_handler(kick_signal(), on_kick).map_err(|e| RunError::Signals(nix::Error::from_raw(e.errno())))?;
+
+        let running = Arc::new(AtomicBool::new(true));
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut spawn_error = None;
+        for vcpu in self.vcpus {
+            let running = running.clone();
+            let name = format!("vcpu{}", vcpu.id());
+            match std::thread::Builder::new().name(name).spawn(move || vcpu.run(&running)) {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(e) = spawn_error {
+            stop_vcpus(&running, threads);
+            return Err(RunError::Thread(e));
+        }
+
+        let sink = self.ctx.sink.clone();
+        let reason = loop {
+            if let Some(r) = sink.reason() {
+                break r;
+            }
+            let mut fds = [
+                PollFd::new(event_fd_borrow(sink.event_fd()), PollFlags::POLLIN),
+                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+            ];
+            match poll(&mut fds, PollTimeout::NONE) {
+                Ok(_) => {}
+                Err(nix::Error::EINTR) => continue,
+                Err(e) => {
+                    stop_vcpus(&running, threads);
+                    return Err(RunError::Poll(e));
+                }
+            }
+            if let Ok(Some(info)) = sfd.read_signal() {
+                sink.stop(StopReason::Signal(info.ssi_signo as i32));
+            }
+            let _ = sink.event_fd().read();
+        };
+        stop_vcpus(&running, threads);
+        self.serial.flush_all();
+        let boot = *self.ready.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Outcome {
+            reason,
+            boot,
+            exits: self.ctx.exits.load(Ordering::Relaxed),
+            ran_for: self.started.elapsed(),
+        })
+    }
+}
+
+/// An `EventFd` as a borrowed fd (vmm-sys-util's type only offers the raw fd).
+fn event_fd_borrow(evt: &vmm_sys_util::eventfd::EventFd) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is owned by `evt`, which outlives the returned borrow (same
+    // lifetime), so it stays open for as long as the BorrowedFd exists.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(evt.as_raw_fd()) }
+}
+
+/// Tells every vCPU to finish and kicks it out of the guest until it has. A kick that
+/// lands just before a thread enters KVM_RUN is lost, so kicks repeat.
+fn stop_vcpus(running: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    running.store(false, Ordering::SeqCst);
+    for t in threads {
+        while !t.is_finished() {
+            if t.kill(kick_signal()).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let _ = t.join();
+    }
+}
