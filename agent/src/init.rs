@@ -1,0 +1,130 @@
+//! Guest bring-up: the filesystems every moat guest has, the kernel command line, and
+//! power-off.
+
+use std::fs;
+use std::path::Path;
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{sync, Pid};
+
+use crate::sys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("cannot create {0}")]
+    Mkdir(&'static str, #[source] std::io::Error),
+    #[error("cannot mount {fstype} on {target}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot read /proc/cmdline")]
+    Cmdline(#[source] std::io::Error),
+}
+
+/// What the agent reads from the kernel command line.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AgentCmdline {
+    /// `moat.poweroff`: power off once ready.
+    pub power_off: bool,
+}
+
+impl AgentCmdline {
+    pub fn parse(cmdline: &str) -> AgentCmdline {
+        let mut c = AgentCmdline::default();
+        for word in cmdline.split_ascii_whitespace() {
+            if word == "moat.poweroff" {
+                c.power_off = true;
+            }
+        }
+        c
+    }
+}
+
+/// The mounts every guest gets, in order: (source, target, fstype, flags, data).
+const MOUNTS: &[(&str, &str, &str, u64, &str)] = &[
+    ("proc", "/proc", "proc", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),
+    ("sysfs", "/sys", "sysfs", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, ""),
+    ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, "mode=0755"),
+    ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+    ("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+    ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=0755"),
+    ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, "mode=1777"),
+    ("cgroup2", "/sys/fs/cgroup", "cgroup2", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "nsdelegate"),
+];
+
+/// Mounts the basic filesystems and reads the command line.
+pub fn setup() -> Result<AgentCmdline, InitError> {
+    for &(source, target, fstype, flags, data) in MOUNTS {
+        fs::create_dir_all(target).map_err(|e| InitError::Mkdir(target, e))?;
+        let data = (!data.is_empty()).then_some(data);
+        match mount(Some(source), target, Some(fstype), MsFlags::from_bits_truncate(flags), data) {
+            Ok(()) => {}
+            // devtmpfs may already be mounted by the kernel (DEVTMPFS_MOUNT).
+            Err(nix::Error::EBUSY) if fstype == "devtmpfs" => {}
+            Err(source) => return Err(InitError::Mount { fstype, target, source }),
+        }
+    }
+    nix::sys::stat::umask(Mode::from_bits_truncate(0o022));
+    let text = fs::read_to_string("/proc/cmdline").map_err(InitError::Cmdline)?;
+    Ok(AgentCmdline::parse(&text))
+}
+
+/// Seconds since the guest kernel started.
+pub fn uptime() -> Option<f64> {
+    let text = fs::read_to_string(Path::new("/proc/uptime")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// CPUs the guest kernel brought online.
+pub fn online_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+}
+
+/// MemTotal from /proc/meminfo, in MiB (0 if unreadable).
+pub fn mem_total_mib() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            let line = t.lines().find(|l| l.starts_with("MemTotal:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// Reaps one exited child if there is one; false if there was nothing to reap.
+pub fn reap_children() -> bool {
+    matches!(
+        waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
+        Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
+    )
+}
+
+/// Syncs, tells the VMM the guest is done with `status`, and powers off.
+pub fn power_off(status: u8) -> ! {
+    sync();
+    sys::report_power_off(status);
+    // Without ACPI the kernel only halts here; the VMM has already stopped the VM on
+    // the control-port write above. Under another VMM this still stops the guest.
+    let _ = reboot(RebootMode::RB_POWER_OFF);
+    loop {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_flags() {
+        assert_eq!(AgentCmdline::parse("console=ttyS0 quiet"), AgentCmdline { power_off: false });
+        assert_eq!(AgentCmdline::parse("console=ttyS0 moat.poweroff\n"), AgentCmdline { power_off: true });
+        assert_eq!(AgentCmdline::parse("moat.poweroffx"), AgentCmdline { power_off: false });
+    }
+}
