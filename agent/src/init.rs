@@ -32,14 +32,18 @@ pub enum InitError {
 pub struct AgentCmdline {
     /// `moat.poweroff`: power off once ready.
     pub power_off: bool,
+    /// `moat.selftest`: exercise the devices and report before the ready line.
+    pub self_test: bool,
 }
 
 impl AgentCmdline {
     pub fn parse(cmdline: &str) -> AgentCmdline {
         let mut c = AgentCmdline::default();
         for word in cmdline.split_ascii_whitespace() {
-            if word == "moat.poweroff" {
-                c.power_off = true;
+            match word {
+                "moat.poweroff" => c.power_off = true,
+                "moat.selftest" => c.self_test = true,
+                _ => {}
             }
         }
         c
@@ -97,6 +101,28 @@ pub fn mem_total_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
+/// The hardware RNG the guest kernel uses ("virtio_rng.0" under moat), or "none".
+pub fn hwrng() -> String {
+    fs::read_to_string("/sys/class/misc/hw_random/rng_current")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "none".into())
+}
+
+/// Reads a few bytes from /dev/hwrng, giving up after `timeout`: proves the
+/// virtio-rng data path end to end without ever blocking the agent.
+pub fn hwrng_selftest(timeout: std::time::Duration) -> Result<usize, String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut buf = [0u8; 32];
+        let r = fs::File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut buf)).map(|_| buf.len());
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    rx.recv_timeout(timeout).map_err(|_| "timed out".to_string())?
+}
+
 /// Reaps one exited child if there is one; false if there was nothing to reap.
 pub fn reap_children() -> bool {
     matches!(
@@ -123,8 +149,11 @@ mod tests {
 
     #[test]
     fn cmdline_flags() {
-        assert_eq!(AgentCmdline::parse("console=ttyS0 quiet"), AgentCmdline { power_off: false });
-        assert_eq!(AgentCmdline::parse("console=ttyS0 moat.poweroff\n"), AgentCmdline { power_off: true });
-        assert_eq!(AgentCmdline::parse("moat.poweroffx"), AgentCmdline { power_off: false });
+        assert_eq!(AgentCmdline::parse("console=ttyS0 quiet"), AgentCmdline::default());
+        let c = AgentCmdline::parse("console=ttyS0 moat.poweroff\n");
+        assert!(c.power_off && !c.self_test);
+        let c = AgentCmdline::parse("moat.selftest moat.poweroff");
+        assert!(c.power_off && c.self_test);
+        assert_eq!(AgentCmdline::parse("moat.poweroffx"), AgentCmdline::default());
     }
 }

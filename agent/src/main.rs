@@ -2,9 +2,9 @@
 //!
 //! It sets up the guest's basic filesystems, tells the VMM it is ready (a write to the
 //! VMM's control port, so the VMM can time the boot without watching the console), and
-//! then serves the host. Until the vsock API exists it only understands one request,
-//! given on the kernel command line: `moat.poweroff` powers the guest off as soon as
-//! it is ready.
+//! then serves the host. Until the vsock API exists it only understands requests on
+//! the kernel command line: `moat.poweroff` powers the guest off as soon as it is
+//! ready, and `moat.selftest` exercises the virtio devices first and reports.
 
 mod init;
 mod sys;
@@ -23,11 +23,18 @@ fn main() {
             init::power_off(1);
         }
     };
+    if cmdline.self_test {
+        match init::hwrng_selftest(Duration::from_secs(20)) {
+            Ok(n) => println!("moat-agent: selftest: read {n} bytes from /dev/hwrng"),
+            Err(e) => println!("moat-agent: selftest: /dev/hwrng failed: {e}"),
+        }
+    }
     println!(
-        "moat-agent: ready after {:.3} s uptime, {} CPUs, {} MiB RAM",
+        "moat-agent: ready after {:.3} s uptime, {} CPUs, {} MiB RAM, hwrng {}",
         init::uptime().unwrap_or(f64::NAN),
         init::online_cpus(),
-        init::mem_total_mib()
+        init::mem_total_mib(),
+        init::hwrng()
     );
     sys::report_ready();
     if cmdline.power_off {

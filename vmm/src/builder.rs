@@ -14,7 +14,12 @@ use crate::arch::x86_64::boot::{self, EntryPoint};
 use crate::arch::x86_64::{layout, mptable};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{control, i8042, serial, ControlPort, SerialConsole, SerialSink, I8042};
+use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::devices::StopSink;
+use crate::VirtioSlot;
+use kvm_ioctls::IoEventAddress;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{Vcpu, VcpuContext, VcpuError};
 use crate::vstate::vm::{self, Vm, VmError};
@@ -42,6 +47,12 @@ pub enum BuildError {
     EventFd(#[source] std::io::Error),
     #[error("device layout")]
     Bus(#[from] BusError),
+    #[error("cannot open a device backend")]
+    DeviceBackend(#[source] std::io::Error),
+    #[error("cannot register a virtio queue notification")]
+    Ioeventfd(#[source] kvm_ioctls::Error),
+    #[error("no room for more virtio devices")]
+    TooManyDevices,
     #[error("test guest code does not fit in guest memory")]
     TestCode(#[source] vm_memory::GuestMemoryError),
 }
@@ -58,8 +69,8 @@ impl TryFrom<VmConfig> for Microvm {
                 SerialSink::file(p).map_err(|e| BuildError::SerialFile(p.display().to_string(), e))?
             }
         };
-        let parts = Parts::new(config.vcpus, config.memory_bytes(), serial)?;
-        let mem = parts.vm.memory();
+        let mut parts = Parts::new(config.vcpus, config.memory_bytes(), serial)?;
+        let mem = &parts.vm.memory().clone();
         let kernel = boot::load_kernel(mem, &config.kernel)?;
         let initrd = match &config.initrd {
             Some(path) => {
@@ -68,8 +79,11 @@ impl TryFrom<VmConfig> for Microvm {
             }
             None => None,
         };
-        let cmdline = Cmdline::try_from(&config.cmdline, MAX_CMDLINE_LEN)
+        let mut cmdline = Cmdline::try_from(&config.cmdline, MAX_CMDLINE_LEN)
             .map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
+        let rng = Rng::new().map_err(BuildError::DeviceBackend)?;
+        let announce = parts.add_virtio(Box::new(rng))?;
+        cmdline.insert_str(&announce).map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
         boot::write_boot_params(mem, &kernel, &cmdline, initrd, config.memory_bytes())?;
         mptable::setup(mem, config.vcpus)?;
         parts.finish(kernel.entry)
@@ -94,6 +108,8 @@ struct Parts {
     kvm: kvm_ioctls::Kvm,
     vcpus: u8,
     ctx: VcpuContext,
+    mmio: Bus,
+    virtio: Vec<VirtioSlot>,
     serial: SerialSink,
     ready: Arc<Mutex<Option<control::BootTimes>>>,
 }
@@ -121,10 +137,37 @@ impl Parts {
         pio.insert(control::CONTROL_BASE, control::CONTROL_LEN, Arc::new(Mutex::new(control)))?;
 
         let ctx = VcpuContext { pio: Arc::new(pio), mmio: Arc::new(Bus::new()), sink, exits };
-        Ok(Parts { vm, kvm, vcpus, ctx, serial, ready })
+        Ok(Parts { vm, kvm, vcpus, ctx, mmio: Bus::new(), virtio: Vec::new(), serial, ready })
     }
 
-    fn finish(self, entry: EntryPoint) -> Result<Microvm, BuildError> {
+    /// Puts `device` on the next virtio-mmio slot: its window on the MMIO bus, its IRQ,
+    /// an ioeventfd per queue (so a notification does not stop the vCPU in userspace).
+    /// Returns the kernel command-line announcement for it.
+    fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<String, BuildError> {
+        let slot = self.virtio.len() as u64;
+        let irq = layout::IRQ_VIRTIO_BASE + slot as u32;
+        if irq > layout::IRQ_MAX {
+            return Err(BuildError::TooManyDevices);
+        }
+        let base = layout::VIRTIO_MMIO_START + slot * layout::VIRTIO_MMIO_SIZE;
+        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+        self.vm.register_irq(&irq_evt, irq)?;
+        let transport = MmioTransport::new(device, self.vm.memory().clone(), Arc::new(IrqLine::new(irq_evt)));
+        let mut queue_evts = Vec::with_capacity(transport.num_queues());
+        for q in 0..transport.num_queues() {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
+            let addr = IoEventAddress::Mmio(base + mmio::REG_QUEUE_NOTIFY);
+            self.vm.fd().register_ioevent(&evt, &addr, q as u32).map_err(BuildError::Ioeventfd)?;
+            queue_evts.push(evt);
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        self.mmio.insert(base, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
+        self.virtio.push(VirtioSlot { transport, queue_evts });
+        Ok(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+    }
+
+    fn finish(mut self, entry: EntryPoint) -> Result<Microvm, BuildError> {
+        self.ctx.mmio = Arc::new(std::mem::take(&mut self.mmio));
         let supported = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -132,6 +175,14 @@ impl Parts {
         let vcpus = (0..self.vcpus)
             .map(|id| Vcpu::new(self.vm.fd(), self.vm.memory(), &supported, id, self.vcpus, entry, self.ctx.clone()))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Microvm { vm: self.vm, vcpus, ctx: self.ctx, serial: self.serial, ready: self.ready, started: Instant::now() })
+        Ok(Microvm {
+            vm: self.vm,
+            vcpus,
+            ctx: self.ctx,
+            virtio: self.virtio,
+            serial: self.serial,
+            ready: self.ready,
+            started: Instant::now(),
+        })
     }
 }

@@ -31,11 +31,19 @@ pub fn started() -> Instant {
     *STARTED.get_or_init(Instant::now)
 }
 
+/// A virtio device on its transport, and the eventfds KVM signals when the driver
+/// notifies one of its queues.
+pub(crate) struct VirtioSlot {
+    transport: Arc<Mutex<devices::virtio::mmio::MmioTransport>>,
+    queue_evts: Vec<vmm_sys_util::eventfd::EventFd>,
+}
+
 /// A VM ready to run: memory loaded, devices wired, vCPUs configured.
 pub struct Microvm {
     vm: vstate::vm::Vm,
     vcpus: Vec<vstate::vcpu::Vcpu>,
     ctx: vstate::vcpu::VcpuContext,
+    virtio: Vec<VirtioSlot>,
     serial: SerialSink,
     ready: Arc<Mutex<Option<BootTimes>>>,
     started: Instant,
@@ -115,16 +123,29 @@ impl Microvm {
             if let Some(r) = sink.reason() {
                 break r;
             }
-            let mut fds = [
+            // The main thread is also the device thread: queue notifications arrive on
+            // eventfds and are served here, under the device's lock.
+            let queues: Vec<(&VirtioSlot, usize)> =
+                self.virtio.iter().flat_map(|s| (0..s.queue_evts.len()).map(move |q| (s, q))).collect();
+            let mut fds = vec![
                 PollFd::new(event_fd_borrow(sink.event_fd()), PollFlags::POLLIN),
                 PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
             ];
+            fds.extend(queues.iter().map(|(s, q)| PollFd::new(event_fd_borrow(&s.queue_evts[*q]), PollFlags::POLLIN)));
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => {}
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => {
                     stop_vcpus(&running, threads);
                     return Err(RunError::Poll(e));
+                }
+            }
+            let ready: Vec<bool> =
+                fds.iter().map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN))).collect();
+            drop(fds);
+            for (i, (slot, q)) in queues.iter().enumerate() {
+                if ready[i + 2] && slot.queue_evts[*q].read().is_ok() {
+                    slot.transport.lock().unwrap_or_else(|p| p.into_inner()).notify(*q);
                 }
             }
             if let Ok(Some(info)) = sfd.read_signal() {

@@ -1,0 +1,257 @@
+//! Boot moat's own guest (the project's kernel and initramfs) with moat-vmm on a KVM
+//! that boots Linux, and check the bad configurations fail cleanly.
+//!
+//! Tests marked `#[ignore]` boot Linux: `make test-kvm` runs them with
+//! `--include-ignored` through integration/testhost. The others only need moat-vmm
+//! and run anywhere.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use moat_config::DEFAULT_CMDLINE;
+use moat_integration::{artifact, kvm_boots_linux};
+
+/// Generous: inside the emulated test host a boot takes seconds, not milliseconds.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+fn vmm() -> PathBuf {
+    artifact("moat-vmm")
+}
+
+fn require_kvm_that_boots_linux() {
+    assert!(
+        kvm_boots_linux(),
+        "this test boots Linux and /dev/kvm here cannot (missing or PVM); run it through `make test-kvm`"
+    );
+}
+
+fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().expect("wait for moat-vmm") {
+            return Some(s);
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn collect(mut child: Child, status: ExitStatus) -> Run {
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child.stdout.take().expect("stdout").read_to_string(&mut stdout).expect("read stdout");
+    child.stderr.take().expect("stderr").read_to_string(&mut stderr).expect("read stderr");
+    Run { status, stdout, stderr }
+}
+
+fn spawn(args: &[String]) -> Child {
+    Command::new(vmm())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", vmm().display()))
+}
+
+/// Runs moat-vmm to completion. The emulated host occasionally freezes a nested guest
+/// (see ../shared/kvm-in-tcg/README.md), so a run that times out is retried once, loudly.
+fn run_vmm(args: &[String]) -> Run {
+    for attempt in 1..=2 {
+        let mut child = spawn(args);
+        // Drain pipes in the background would be needed for huge output; boot output
+        // is a few KiB, well under the pipe buffer.
+        match wait_with_timeout(&mut child, BOOT_TIMEOUT) {
+            Some(status) => return collect(child, status),
+            None => eprintln!("*** moat-vmm {args:?} timed out (attempt {attempt}); retrying once ***"),
+        }
+    }
+    panic!("moat-vmm {args:?} timed out twice");
+}
+
+fn boot_args(vcpus: u8, memory_mib: u32, extra_cmdline: &str) -> Vec<String> {
+    vec![
+        "--kernel".into(),
+        artifact("vmlinux").display().to_string(),
+        "--initrd".into(),
+        artifact("initramfs.cpio.gz").display().to_string(),
+        "--vcpus".into(),
+        vcpus.to_string(),
+        "--memory".into(),
+        memory_mib.to_string(),
+        "--cmdline".into(),
+        format!("{DEFAULT_CMDLINE} {extra_cmdline}"),
+    ]
+}
+
+fn assert_boots(vcpus: u8, memory_mib: u32) {
+    require_kvm_that_boots_linux();
+    let r = run_vmm(&boot_args(vcpus, memory_mib, "moat.selftest moat.poweroff"));
+    assert!(r.status.success(), "moat-vmm failed: {:?}\nstdout:\n{}\nstderr:\n{}", r.status, r.stdout, r.stderr);
+    let ready = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("moat-agent: ready after"))
+        .unwrap_or_else(|| panic!("no ready line on the console:\n{}\nstderr:\n{}", r.stdout, r.stderr));
+    assert!(ready.contains(&format!(", {vcpus} CPUs,")), "guest saw the wrong CPU count: {ready}");
+    // MemTotal is RAM minus what the kernel keeps for itself: between 80% and 100%.
+    let mib: u64 = ready
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" MiB RAM"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no memory size in {ready}"));
+    assert!(mib <= u64::from(memory_mib) && mib * 10 >= u64::from(memory_mib) * 8, "{mib} MiB of {memory_mib}: {ready}");
+    assert!(ready.ends_with(", hwrng virtio_rng.0"), "virtio-rng not in use: {ready}");
+    assert!(
+        r.stdout.contains("moat-agent: selftest: read 32 bytes from /dev/hwrng"),
+        "virtio-rng data path failed:\n{}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("guest ready"), "the VMM did not see the agent's ready write:\n{}", r.stderr);
+    assert!(r.stderr.contains("guest powered off"), "{}", r.stderr);
+    println!("{vcpus} vCPU / {memory_mib} MiB: {ready}");
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn boots_1_vcpu_128_mib() {
+    assert_boots(1, 128);
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn boots_2_vcpus_1024_mib() {
+    assert_boots(2, 1024);
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn boots_bzimage_too() {
+    require_kvm_that_boots_linux();
+    let mut args = boot_args(1, 128, "moat.poweroff");
+    args[1] = artifact("bzImage").display().to_string();
+    let r = run_vmm(&args);
+    assert!(r.status.success(), "{:?}\n{}\n{}", r.status, r.stdout, r.stderr);
+    assert!(r.stdout.contains("moat-agent: ready after"), "{}", r.stdout);
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn sigterm_stops_a_running_guest() {
+    require_kvm_that_boots_linux();
+    // No moat.poweroff: the guest stays up until the VMM is told to stop.
+    let mut child = spawn(&boot_args(1, 128, ""));
+    let pid = child.id() as libc::pid_t;
+    // Wait for the agent to be up, then stop the VMM.
+    let start = Instant::now();
+    let mut out = child.stdout.take().expect("stdout");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("moat-agent: ready") {
+        assert!(start.elapsed() < BOOT_TIMEOUT, "guest did not come up: {}", String::from_utf8_lossy(&seen));
+        let n = out.read(&mut buf).expect("read console");
+        assert!(n > 0, "console closed before ready: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    send_signal(pid, libc::SIGTERM);
+    let status = wait_with_timeout(&mut child, Duration::from_secs(30)).expect("moat-vmm did not stop on SIGTERM");
+    assert_eq!(status.code(), Some(143), "SIGTERM exit status");
+    // The VMM process is gone, so its vCPU threads and VM are too.
+    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+}
+
+/// Sends a signal through the `kill` command, which keeps this crate free of unsafe.
+fn send_signal(pid: libc::pid_t, sig: i32) {
+    let s = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().expect("run kill");
+    assert!(s.success(), "kill -{sig} {pid} failed");
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn guest_panic_is_a_reset_not_a_hang() {
+    require_kvm_that_boots_linux();
+    // An init that does not exist: the kernel panics, panic=-1 reboots, reboot=k hits
+    // the i8042 reset line, and the VMM reports a reset (exit 3).
+    let r = run_vmm(&boot_args(1, 128, "rdinit=/does-not-exist init=/does-not-exist"));
+    assert_eq!(r.status.code(), Some(3), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("guest reset without powering off"), "{}", r.stderr);
+}
+
+// --- bad configurations: no guest boots, so these run on any host with moat-vmm ---
+
+fn bad(args: &[&str]) -> Run {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    let child = spawn(&args);
+    let mut child = child;
+    let status = wait_with_timeout(&mut child, Duration::from_secs(30)).expect("bad config must fail fast");
+    collect(child, status)
+}
+
+fn assert_refused(r: &Run, code: i32, message: &str) {
+    assert_eq!(r.status.code(), Some(code), "stderr: {}", r.stderr);
+    assert!(r.stderr.contains(message), "expected {message:?} in: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    assert_eq!(r.stderr.lines().filter(|l| l.starts_with("moat-vmm:")).count(), 1, "one error line: {}", r.stderr);
+}
+
+#[test]
+fn missing_kernel_is_named() {
+    let r = bad(&["--kernel", "/nonexistent/vmlinux"]);
+    assert_refused(&r, 2, "kernel /nonexistent/vmlinux is not usable");
+}
+
+#[test]
+fn garbage_kernel_is_refused() {
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing");
+    let path = std::env::temp_dir().join(format!("moat-garbage-{}", std::process::id()));
+    std::fs::write(&path, vec![0x42u8; 1 << 16]).expect("write garbage");
+    let r = bad(&["--kernel", path.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&path);
+    assert_refused(&r, 2, "cannot be loaded: it is not an ELF vmlinux or a bzImage");
+}
+
+#[test]
+fn too_little_memory_is_refused() {
+    let r = bad(&["--kernel", "/nonexistent", "--memory", "16"]);
+    assert_refused(&r, 2, "memory_mib must be between 32 and 262144 MiB, got 16");
+}
+
+#[test]
+fn too_many_vcpus_are_refused() {
+    let r = bad(&["--kernel", "/nonexistent", "--vcpus", "65"]);
+    assert_refused(&r, 2, "vcpus must be between 1 and 64, got 65");
+    let r = bad(&["--kernel", "/nonexistent", "--vcpus", "0"]);
+    assert_refused(&r, 2, "vcpus must be between 1 and 64, got 0");
+}
+
+#[test]
+fn initrd_larger_than_memory_is_refused() {
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing");
+    let path = std::env::temp_dir().join(format!("moat-big-initrd-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; 40 << 20]).expect("write initrd");
+    let kernel = artifact("vmlinux").display().to_string();
+    let r = bad(&["--kernel", &kernel, "--initrd", path.to_str().expect("utf-8"), "--memory", "48"]);
+    let _ = std::fs::remove_file(&path);
+    assert_refused(&r, 2, "does not fit in guest memory above the kernel");
+}
+
+#[test]
+fn config_file_with_unknown_field_is_refused() {
+    let path = std::env::temp_dir().join(format!("moat-bad-config-{}.json", std::process::id()));
+    std::fs::write(&path, r#"{"kernel": "/k", "vcpu": 2}"#).expect("write config");
+    let r = bad(&["--config", path.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&path);
+    assert_refused(&r, 2, "is not a valid VmConfig: unknown field `vcpu`");
+}

@@ -1,0 +1,89 @@
+//! virtio devices on the virtio-mmio transport (virtio 1.x, "modern" only).
+//!
+//! A device implements [`VirtioDevice`]: its identity, features, config space, and what
+//! to do with its queues once the driver has set them up. The transport
+//! ([`mmio::MmioTransport`]) owns the register file and the feature/status handshake,
+//! and validates everything the driver writes before a device sees it.
+
+pub mod mmio;
+pub mod rng;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Feature bit every moat device offers and requires: virtio 1.x semantics.
+pub const VIRTIO_F_VERSION_1: u32 = 32;
+
+/// InterruptStatus bits.
+pub const INT_VRING: u32 = 1;
+pub const INT_CONFIG: u32 = 2;
+
+/// The interrupt line of one device: an irqfd plus the InterruptStatus register the
+/// driver reads to learn why it was interrupted.
+pub struct IrqLine {
+    evt: EventFd,
+    status: AtomicU32,
+}
+
+impl IrqLine {
+    pub fn new(evt: EventFd) -> IrqLine {
+        IrqLine { evt, status: AtomicU32::new(0) }
+    }
+
+    /// Sets `why` in InterruptStatus and raises the interrupt.
+    pub fn trigger(&self, why: u32) {
+        self.status.fetch_or(why, Ordering::SeqCst);
+        // An eventfd write only fails when the counter would overflow, in which case
+        // the interrupt is already pending.
+        let _ = self.evt.write(1);
+    }
+
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("queue {0} is not valid (size, alignment or addresses outside guest memory)")]
+    InvalidQueue(usize),
+    #[error("the driver enabled {got} queues; the device needs {want}")]
+    QueueCount { got: usize, want: usize },
+    #[error("device backend failed to start")]
+    Backend(#[source] std::io::Error),
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub irq: Arc<IrqLine>,
+}
+
+pub trait VirtioDevice: Send {
+    /// virtio device type (4 = entropy, 19 = vsock, ...).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Offered feature bits (including `VIRTIO_F_VERSION_1`).
+    fn features(&self) -> u64;
+    /// The features the driver accepted (a subset of `features`, checked by the
+    /// transport).
+    fn set_acked_features(&mut self, acked: u64);
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Handles a notification on queue `index` (only called while active).
+    fn process_queue(&mut self, index: usize);
+    /// Stops serving and drops the queues (driver wrote 0 to Status).
+    fn reset(&mut self);
+}

@@ -1,0 +1,60 @@
+//! The virtio-rng device: one queue, no config space, no features beyond VERSION_1.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use super::handler::fill_chains;
+use crate::devices::virtio::{ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+
+const TYPE_RNG: u32 = 4;
+const QUEUE_SIZES: &[u16] = &[256];
+
+pub struct Rng {
+    source: File,
+    active: Option<(GuestMemoryMmap, Queue, Arc<IrqLine>)>,
+}
+
+impl Rng {
+    /// Serves bytes from the host's `/dev/urandom`, opened now (before any sandboxing).
+    pub fn new() -> std::io::Result<Rng> {
+        Ok(Rng { source: File::open("/dev/urandom")?, active: None })
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        TYPE_RNG
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+    fn set_acked_features(&mut self, _acked: u64) {}
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let queue = a.queues.into_iter().next().ok_or(ActivateError::QueueCount { got: 0, want: 1 })?;
+        self.active = Some((a.mem, queue, a.irq));
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        if let (0, Some((mem, queue, irq))) = (index, self.active.as_mut()) {
+            if fill_chains(queue, mem, &mut self.source) {
+                irq.trigger(INT_VRING);
+            }
+        }
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
