@@ -20,6 +20,11 @@ src_version=$(dpkg-query -W -f='${Version}' linux-source-6.1)
 key=$( (cat "$here/guest-kernel.config" "$0"; echo "$src_version") | sha256sum | cut -c1-16)
 cached="$cache_root/kernel/$key"
 
+mkdir -p "$cache_root/kernel"
+# One build at a time: a second caller waits here and then finds the cache filled.
+exec 9>"$cache_root/kernel/.lock"
+flock 9
+
 if [ ! -f "$cached/vmlinux" ]; then
     work=$(mktemp -d "${TMPDIR:-/tmp}/moat-kernel.XXXXXX")
     trap 'rm -rf "$work"' EXIT

@@ -62,6 +62,14 @@ pub struct VmConfig {
     /// Serial console destination.
     #[serde(default)]
     pub serial: SerialOutput,
+    /// Confine the VMM's threads with seccomp filters once the VM is built. Only for
+    /// debugging a VMM change should this be turned off.
+    #[serde(default = "default_true")]
+    pub seccomp: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 fn default_cmdline() -> String {
@@ -119,6 +127,7 @@ impl Default for VmConfig {
             vcpus: default_vcpus(),
             memory_mib: default_memory_mib(),
             serial: SerialOutput::default(),
+            seccomp: true,
         }
     }
 }

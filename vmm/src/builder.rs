@@ -70,6 +70,7 @@ impl TryFrom<VmConfig> for Microvm {
             }
         };
         let mut parts = Parts::new(config.vcpus, config.memory_bytes(), serial)?;
+        parts.seccomp = config.seccomp;
         let mem = &parts.vm.memory().clone();
         let kernel = boot::load_kernel(mem, &config.kernel)?;
         let initrd = match &config.initrd {
@@ -93,7 +94,8 @@ impl TryFrom<VmConfig> for Microvm {
 impl Microvm {
     /// A VM that runs `code` in 16-bit real mode from guest address 0x1000, with the
     /// same devices as a real one. For plumbing tests on any KVM (the PVM kind
-    /// included), where booting Linux is not possible.
+    /// included), where booting Linux is not possible. Runs without seccomp, since
+    /// `run` would confine the (test harness's) calling thread.
     pub fn with_test_code(code: &[u8], memory_mib: u32, serial: SerialSink) -> Result<Microvm, BuildError> {
         let parts = Parts::new(1, u64::from(memory_mib) << 20, serial)?;
         let entry = GuestAddress(0x1000);
@@ -110,6 +112,7 @@ struct Parts {
     ctx: VcpuContext,
     mmio: Bus,
     virtio: Vec<VirtioSlot>,
+    seccomp: bool,
     serial: SerialSink,
     ready: Arc<Mutex<Option<control::BootTimes>>>,
 }
@@ -137,7 +140,7 @@ impl Parts {
         pio.insert(control::CONTROL_BASE, control::CONTROL_LEN, Arc::new(Mutex::new(control)))?;
 
         let ctx = VcpuContext { pio: Arc::new(pio), mmio: Arc::new(Bus::new()), sink, exits };
-        Ok(Parts { vm, kvm, vcpus, ctx, mmio: Bus::new(), virtio: Vec::new(), serial, ready })
+        Ok(Parts { vm, kvm, vcpus, ctx, mmio: Bus::new(), virtio: Vec::new(), seccomp: false, serial, ready })
     }
 
     /// Puts `device` on the next virtio-mmio slot: its window on the MMIO bus, its IRQ,
@@ -180,6 +183,7 @@ impl Parts {
             vcpus,
             ctx: self.ctx,
             virtio: self.virtio,
+            seccomp: self.seccomp,
             serial: self.serial,
             ready: self.ready,
             started: Instant::now(),

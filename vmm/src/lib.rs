@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod seccomp;
 pub mod vstate;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -44,6 +45,8 @@ pub struct Microvm {
     vcpus: Vec<vstate::vcpu::Vcpu>,
     ctx: vstate::vcpu::VcpuContext,
     virtio: Vec<VirtioSlot>,
+    /// Confine the vCPU threads and the calling thread once running.
+    seccomp: bool,
     serial: SerialSink,
     ready: Arc<Mutex<Option<BootTimes>>>,
     started: Instant,
@@ -68,6 +71,8 @@ pub enum RunError {
     Thread(#[source] std::io::Error),
     #[error("waiting for the VM failed")]
     Poll(#[source] nix::Error),
+    #[error("cannot confine the VMM")]
+    Seccomp(#[from] seccomp::SeccompError),
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -99,13 +104,31 @@ impl Microvm {
             SignalFd::with_flags(&stop_signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC).map_err(RunError::Signals)?;
         register_signal_handler(kick_signal(), on_kick).map_err(|e| RunError::Signals(nix::Error::from_raw(e.errno())))?;
 
+        let filters = if self.seccomp {
+            seccomp::install_violation_handler()?;
+            Some((Arc::new(seccomp::vcpu_filter()?), seccomp::main_filter()?))
+        } else {
+            None
+        };
+
         let running = Arc::new(AtomicBool::new(true));
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut spawn_error = None;
         for vcpu in self.vcpus {
             let running = running.clone();
             let name = format!("vcpu{}", vcpu.id());
-            match std::thread::Builder::new().name(name).spawn(move || vcpu.run(&running)) {
+            let filter = filters.as_ref().map(|f| f.0.clone());
+            let body = move || {
+                if let Some(f) = filter {
+                    if let Err(e) = seccomp::install(&f) {
+                        // Never run a guest unconfined when confinement was asked for.
+                        vcpu.fail(format!("cannot confine vcpu thread: {e}"));
+                        return;
+                    }
+                }
+                vcpu.run(&running)
+            };
+            match std::thread::Builder::new().name(name).spawn(body) {
                 Ok(t) => threads.push(t),
                 Err(e) => {
                     spawn_error = Some(e);
@@ -116,6 +139,12 @@ impl Microvm {
         if let Some(e) = spawn_error {
             stop_vcpus(&running, threads);
             return Err(RunError::Thread(e));
+        }
+        if let Some((_, main)) = &filters {
+            if let Err(e) = seccomp::install(main) {
+                stop_vcpus(&running, threads);
+                return Err(e.into());
+            }
         }
 
         let sink = self.ctx.sink.clone();

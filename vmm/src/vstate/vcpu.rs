@@ -101,6 +101,11 @@ impl Vcpu {
         self.id
     }
 
+    /// Stops the VM with an error instead of running this vCPU.
+    pub fn fail(self, why: String) {
+        self.ctx.sink.stop(StopReason::Error(why));
+    }
+
     /// Runs the guest on this vCPU until the VM stops or `running` turns false.
     pub fn run(mut self, running: &AtomicBool) {
         let mut state = VcpuState::Running;

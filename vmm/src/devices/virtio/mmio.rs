@@ -269,7 +269,7 @@ impl BusDevice for MmioTransport {
             }
             return;
         }
-        if data.len() == 4 && offset % 4 == 0 {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             data.copy_from_slice(&self.read_reg(offset).to_le_bytes());
         } else {
             data.fill(0);
@@ -283,7 +283,7 @@ impl BusDevice for MmioTransport {
             }
             return;
         }
-        if let (4, 0) = (data.len(), offset % 4) {
+        if data.len() == 4 && offset.is_multiple_of(4) {
             let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
             self.write_reg(offset, v);
         }
@@ -339,7 +339,9 @@ mod tests {
         }
     }
 
-    fn transport() -> (MmioTransport, Arc<Mutex<usize>>, Arc<Mutex<Vec<usize>>>, Arc<Mutex<usize>>) {
+    type Counter = Arc<Mutex<usize>>;
+
+    fn transport() -> (MmioTransport, Counter, Arc<Mutex<Vec<usize>>>, Counter) {
         let probe = Probe { config: [1, 2, 3, 4, 5, 6, 7, 8], ..Default::default() };
         let (act, notified, resets) = (probe.activations.clone(), probe.notified.clone(), probe.resets.clone());
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
