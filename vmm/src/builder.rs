@@ -2,7 +2,6 @@
 
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 use linux_loader::loader::Cmdline;
@@ -186,7 +185,7 @@ impl Parts {
             seccomp: self.seccomp,
             serial: self.serial,
             ready: self.ready,
-            started: Instant::now(),
+            started: crate::started(),
         })
     }
 }

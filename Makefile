@@ -1,0 +1,77 @@
+# moat — build, install, test and benchmark.
+#
+#   make run        build everything and boot a microVM with the embedded defaults
+#   make test       unit tests, KVM plumbing tests, and real-KVM boot tests
+#   make bench-boot boot-time / VM-exit / memory comparison with QEMU microvm
+#
+# Where /dev/kvm cannot boot Linux (PVM), everything that needs a booting guest runs
+# inside integration/testhost, an emulated host with real KVM (see README.md).
+
+PREFIX     ?= /usr/local
+DESTDIR    ?=
+CARGO      ?= cargo
+HOST_TRIPLE := x86_64-unknown-linux-gnu
+BUILD      := build
+GUEST      := $(BUILD)/guest
+BIN        := $(BUILD)/bin
+SHAREDIR   := $(PREFIX)/share/moat
+TESTHOST   := integration/testhost
+
+.PHONY: all deps build guest install run test test-unit test-kvm bench-boot clean
+
+all: build guest
+
+# Everything a fresh Debian bookworm machine lacks, from Debian's archive. Done once
+# per checkout (the stamp), again when this Makefile or the test host changes.
+deps: $(BUILD)/.deps
+$(BUILD)/.deps: Makefile $(TESTHOST)
+	@if ! apt-cache policy linux-source-6.1 2>/dev/null | grep -q Candidate; then apt-get update -qq; fi
+	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
+	  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3 >/dev/null
+	$(TESTHOST) deps
+	@mkdir -p $(BUILD) && touch $@
+
+# The VMM (dynamically linked host binary) and the agent (static: it is the guest's
+# only userspace and there is no musl target here).
+build: deps
+	$(CARGO) build --release --locked -p moat-vmm
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-agent --target $(HOST_TRIPLE)
+	@mkdir -p $(BIN)
+	cp target/release/moat-vmm $(BIN)/
+	cp target/$(HOST_TRIPLE)/release/moat-agent $(BIN)/
+
+guest: build
+	rootfs/build-kernel.sh $(GUEST)
+	python3 rootfs/mkinitramfs.py $(BIN)/moat-agent $(GUEST)/initramfs.cpio.gz
+
+install: build guest
+	install -D -m 0755 $(BIN)/moat-vmm $(DESTDIR)$(PREFIX)/bin/moat-vmm
+	install -D -m 0644 $(GUEST)/vmlinux $(DESTDIR)$(SHAREDIR)/vmlinux
+	install -D -m 0644 $(GUEST)/bzImage $(DESTDIR)$(SHAREDIR)/bzImage
+	install -D -m 0644 $(GUEST)/initramfs.cpio.gz $(DESTDIR)$(SHAREDIR)/initramfs.cpio.gz
+
+# moat's main job on its embedded defaults: boot the default guest (1 vCPU, 128 MiB)
+# to its agent and power it off.
+run: build guest
+	$(TESTHOST) run -- sh -c 'moat-vmm --kernel $(SHAREDIR)/vmlinux --initrd $(SHAREDIR)/initramfs.cpio.gz \
+	  --cmdline "$$(moat-vmm --print-default-cmdline) moat.poweroff"'
+
+test: test-unit test-kvm
+
+# Unit tests and the VMM's KVM plumbing tests (tiny guests; they run on any /dev/kvm).
+test-unit: guest
+	$(CARGO) test --locked --workspace
+
+# Real boot tests: the integration test binary runs where KVM can boot Linux.
+test-kvm: build guest
+	@mkdir -p $(BUILD)/test
+	$(CARGO) test --locked -p moat-integration --no-run --message-format=json 2>/dev/null \
+	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="boot"]' \
+	  | head -1 | xargs -I{} cp {} $(BUILD)/test/boot
+	$(TESTHOST) run -- $(BUILD)/test/boot --include-ignored --test-threads=1
+
+bench-boot: build guest
+	$(TESTHOST) run -- python3 integration/bench_boot.py
+
+clean:
+	rm -rf $(BUILD) target

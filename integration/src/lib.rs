@@ -1,0 +1,35 @@
+//! Helpers for moat's end-to-end tests. The tests themselves are in `tests/`; those
+//! that boot Linux need a KVM that can, so `make test-kvm` runs them through
+//! `integration/testhost` (natively on hardware KVM, in the emulated host on PVM).
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+
+/// True where /dev/kvm can boot an unmodified Linux guest: it exists and is not PVM.
+pub fn kvm_boots_linux() -> bool {
+    Path::new("/dev/kvm").exists() && !Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// Finds one of moat's files: under `MOAT_PREFIX` if that is set; else the freshest
+/// build of this checkout (cargo's `target/debug`, then `build/`); else where
+/// `make install` puts it by default (/usr/local).
+/// `name` is `moat-vmm` or a guest artifact (`vmlinux`, `bzImage`, `initramfs.cpio.gz`).
+pub fn artifact(name: &str) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let prefix = std::env::var_os("MOAT_PREFIX").map(PathBuf::from);
+    let (subdir, local) = if name == "moat-vmm" {
+        ("bin", vec![repo.join("target/debug"), repo.join("build/bin")])
+    } else {
+        ("share/moat", vec![repo.join("build/guest")])
+    };
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if prefix.is_none() {
+        candidates.extend(local.iter().map(|d| d.join(name)));
+    }
+    candidates.push(prefix.unwrap_or_else(|| "/usr/local".into()).join(subdir).join(name));
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| panic!("{name} not found (looked in {candidates:?}); run `make install` or `make guest`"))
+}
