@@ -68,7 +68,7 @@ impl TryFrom<VmConfig> for Microvm {
                 SerialSink::file(p).map_err(|e| BuildError::SerialFile(p.display().to_string(), e))?
             }
         };
-        let mut parts = Parts::new(config.vcpus, config.memory_bytes(), serial)?;
+        let mut parts = Parts::new(config.vcpus, config.memory_bytes(), config.huge_pages, serial)?;
         parts.seccomp = config.seccomp;
         let mem = &parts.vm.memory().clone();
         let kernel = boot::load_kernel(mem, &config.kernel)?;
@@ -96,7 +96,7 @@ impl Microvm {
     /// included), where booting Linux is not possible. Runs without seccomp, since
     /// `run` would confine the (test harness's) calling thread.
     pub fn with_test_code(code: &[u8], memory_mib: u32, serial: SerialSink) -> Result<Microvm, BuildError> {
-        let parts = Parts::new(1, u64::from(memory_mib) << 20, serial)?;
+        let parts = Parts::new(1, u64::from(memory_mib) << 20, false, serial)?;
         let entry = GuestAddress(0x1000);
         parts.vm.memory().write_slice(code, entry).map_err(BuildError::TestCode)?;
         parts.finish(EntryPoint::Real16(entry))
@@ -117,14 +117,14 @@ struct Parts {
 }
 
 impl Parts {
-    fn new(vcpus: u8, mem_bytes: u64, serial: SerialSink) -> Result<Parts, BuildError> {
+    fn new(vcpus: u8, mem_bytes: u64, huge_pages: bool, serial: SerialSink) -> Result<Parts, BuildError> {
         let started = crate::started();
         let kvm = vm::open_kvm()?;
         let max = kvm.get_max_vcpus();
         if usize::from(vcpus) > max {
             return Err(BuildError::TooManyVcpus { requested: vcpus, max });
         }
-        let vm = Vm::new(&kvm, memory::create_guest_memory(mem_bytes)?)?;
+        let vm = Vm::new(&kvm, memory::create_guest_memory(mem_bytes, huge_pages)?)?;
         let sink = Arc::new(StopSink::new().map_err(BuildError::EventFd)?);
         let exits = Arc::new(AtomicU64::new(0));
 

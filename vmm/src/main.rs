@@ -13,7 +13,7 @@ use moat_config::{check_memory, check_vcpus, SerialOutput, VmConfig};
 use moat_vmm::{Microvm, Outcome, StopReason};
 
 const USAGE: &str = "usage: moat-vmm [--config FILE] [--kernel PATH] [--initrd PATH] [--vcpus N] \
-[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--no-seccomp] | --print-default-cmdline";
+[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
 
 #[derive(Debug)]
 struct UsageError(String);
@@ -25,7 +25,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "-h" | "--help" => return Ok(None),
-            "--no-seccomp" => flags.push((arg, String::new())),
+            "--no-seccomp" | "--no-huge-pages" => flags.push((arg, String::new())),
             "--print-default-cmdline" => {
                 println!("{}", moat_config::DEFAULT_CMDLINE);
                 std::process::exit(0);
@@ -54,6 +54,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
             "--memory" => config.memory_mib = check_memory(number()?).map_err(|e| UsageError(e.to_string()))?,
             "--cmdline" => config.cmdline = value,
             "--no-seccomp" => config.seccomp = false,
+            "--no-huge-pages" => config.huge_pages = false,
             "--serial" => {
                 config.serial = match value.as_str() {
                     "stdout" => SerialOutput::Stdout,
