@@ -37,9 +37,15 @@ pub struct SerialSink {
 struct LineBuffer {
     out: Option<Box<dyn Write + Send>>,
     buf: Vec<u8>,
+    /// Bytes still allowed out; the guest controls the console, so it must not be
+    /// able to fill the host's disk through it.
+    budget: u64,
+    truncated: bool,
 }
 
 const MAX_PENDING: usize = 4096;
+/// Console bytes one VM may write before the rest is dropped (with one notice).
+pub const DEFAULT_CONSOLE_LIMIT: u64 = 64 << 20;
 
 impl SerialSink {
     pub fn stdout() -> SerialSink {
@@ -56,7 +62,13 @@ impl SerialSink {
     }
 
     pub fn with(out: Option<Box<dyn Write + Send>>) -> SerialSink {
-        SerialSink { inner: Arc::new(Mutex::new(LineBuffer { out, buf: Vec::with_capacity(256) })) }
+        Self::with_limit(out, DEFAULT_CONSOLE_LIMIT)
+    }
+
+    /// A sink that passes at most `limit` bytes, then writes one truncation notice.
+    pub fn with_limit(out: Option<Box<dyn Write + Send>>, limit: u64) -> SerialSink {
+        let lb = LineBuffer { out, buf: Vec::with_capacity(256), budget: limit, truncated: false };
+        SerialSink { inner: Arc::new(Mutex::new(lb)) }
     }
 
     /// Writes out whatever is buffered, complete line or not.
@@ -69,8 +81,15 @@ impl SerialSink {
 impl LineBuffer {
     fn drain(&mut self) {
         if let Some(out) = self.out.as_mut() {
+            let n = self.buf.len().min(usize::try_from(self.budget).unwrap_or(usize::MAX));
+            self.budget -= n as u64;
             // Console output is best effort: a closed stdout must not stop the guest.
-            let _ = out.write_all(&self.buf).and_then(|_| out.flush());
+            let _ = out.write_all(&self.buf[..n]);
+            if n < self.buf.len() && !self.truncated {
+                self.truncated = true;
+                let _ = out.write_all(b"\n[moat-vmm: console output limit reached; the rest is dropped]\n");
+            }
+            let _ = out.flush();
         }
         self.buf.clear();
     }
@@ -79,7 +98,7 @@ impl LineBuffer {
 impl Write for SerialSink {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         let mut lb = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if lb.out.is_none() {
+        if lb.out.is_none() || lb.truncated {
             return Ok(data.len());
         }
         lb.buf.extend_from_slice(data);
@@ -152,6 +171,23 @@ mod tests {
         assert_eq!(captured.0.lock().expect("lock").as_slice(), b"hello\n");
         sink.flush_all();
         assert_eq!(captured.0.lock().expect("lock").as_slice(), b"hello\nwor");
+    }
+
+    #[test]
+    fn console_output_is_capped() {
+        let captured = Shared::default();
+        let sink = SerialSink::with_limit(Some(Box::new(captured.clone())), 10);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        let mut uart = SerialConsole::new(irq, sink.clone());
+        for _ in 0..3 {
+            for b in b"0123456\n" {
+                uart.write(0, &[*b]);
+            }
+        }
+        sink.flush_all();
+        let out = captured.0.lock().expect("lock").clone();
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(text, "0123456\n01\n[moat-vmm: console output limit reached; the rest is dropped]\n");
     }
 
     #[test]
