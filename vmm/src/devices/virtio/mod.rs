@@ -7,6 +7,7 @@
 
 pub mod mmio;
 pub mod rng;
+pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
