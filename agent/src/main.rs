@@ -7,6 +7,7 @@
 //! ready, and `moat.selftest` exercises the virtio devices first and reports.
 
 mod init;
+mod selftest;
 mod sys;
 
 use std::time::Duration;
@@ -24,10 +25,7 @@ fn main() {
         }
     };
     if cmdline.self_test {
-        match init::hwrng_selftest(Duration::from_secs(20)) {
-            Ok(n) => println!("moat-agent: selftest: read {n} bytes from /dev/hwrng"),
-            Err(e) => println!("moat-agent: selftest: /dev/hwrng failed: {e}"),
-        }
+        selftest::run();
     }
     println!(
         "moat-agent: ready after {:.3} s uptime, {} CPUs, {} MiB RAM, hwrng {}",

@@ -1,4 +1,5 @@
-//! The agent's only unsafe code: port I/O to the VMM's control port.
+//! The agent's only unsafe code: port I/O to the VMM's control port, and taking
+//! ownership of accepted sockets.
 //!
 //! Ports (see moat-vmm's `devices/legacy/control.rs`): 0x0f00 takes the ready magic,
 //! 0x0f01 a power-off status. Under a VMM without the port (QEMU in the benchmarks),
@@ -36,4 +37,13 @@ pub fn report_ready() {
 /// Tells the VMM to stop the VM with `status`.
 pub fn report_power_off(status: u8) {
     outb(CONTROL_PORT + 1, status);
+}
+
+/// Accepts a connection on `listener` as an owned fd.
+pub fn accept_owned(listener: &std::os::fd::OwnedFd) -> nix::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let raw = nix::sys::socket::accept(listener.as_raw_fd())?;
+    // SAFETY: accept(2) just returned `raw` as a new descriptor that nothing else
+    // owns or will close.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) })
 }

@@ -41,6 +41,22 @@ pub enum SerialOutput {
     None,
 }
 
+/// The guest's vsock device, backed on the host by a Unix socket (hybrid vsock):
+/// the host connects to `uds_path` and sends `CONNECT <port>\n`; a guest connecting
+/// to host port P reaches a listener at `<uds_path>_P`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context id (3 or more; 0-2 and u32::MAX are reserved).
+    #[serde(default = "default_cid")]
+    pub cid: u64,
+    pub uds_path: PathBuf,
+}
+
+fn default_cid() -> u64 {
+    3
+}
+
 /// One microVM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,6 +87,9 @@ pub struct VmConfig {
     /// 2 MiB steps as the guest touches it.
     #[serde(default = "default_true")]
     pub huge_pages: bool,
+    /// A vsock device, if any.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
 }
 
 fn default_true() -> bool {
@@ -121,6 +140,10 @@ pub enum ConfigError {
     CmdlineTooLong(usize),
     #[error("cmdline contains a NUL or a newline")]
     CmdlineBadChar,
+    #[error("vsock cid {0} is reserved; use 3 or more, below 4294967295")]
+    VsockCid(u64),
+    #[error("vsock uds_path is empty")]
+    VsockPath,
 }
 
 impl Default for VmConfig {
@@ -134,6 +157,7 @@ impl Default for VmConfig {
             serial: SerialOutput::default(),
             seccomp: true,
             huge_pages: true,
+            vsock: None,
         }
     }
 }
@@ -166,6 +190,14 @@ impl VmConfig {
         }
         if self.cmdline.contains(['\0', '\n']) {
             return Err(ConfigError::CmdlineBadChar);
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
+                return Err(ConfigError::VsockCid(v.cid));
+            }
+            if v.uds_path.as_os_str().is_empty() {
+                return Err(ConfigError::VsockPath);
+            }
         }
         Ok(())
     }
@@ -313,6 +345,19 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(2049))));
         let c = VmConfig { cmdline: "console=ttyS0\ninit=/x".into(), ..config_with(k.path()) };
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineBadChar)));
+    }
+
+    #[test]
+    fn vsock_checks() {
+        let k = kernel_file();
+        for cid in [0, 1, 2, u64::from(u32::MAX), u64::MAX] {
+            let c = VmConfig { vsock: Some(VsockConfig { cid, uds_path: "/run/v.sock".into() }), ..config_with(k.path()) };
+            assert!(matches!(c.validate(), Err(ConfigError::VsockCid(_))), "cid {cid}");
+        }
+        let c = VmConfig { vsock: Some(VsockConfig { cid: 3, uds_path: "".into() }), ..config_with(k.path()) };
+        assert!(matches!(c.validate(), Err(ConfigError::VsockPath)));
+        let c = VmConfig { vsock: Some(VsockConfig { cid: 3, uds_path: "/run/v.sock".into() }), ..config_with(k.path()) };
+        c.validate().expect("valid vsock");
     }
 
     #[test]

@@ -255,3 +255,118 @@ fn config_file_with_unknown_field_is_refused() {
     let _ = std::fs::remove_file(&path);
     assert_refused(&r, 2, "is not a valid VmConfig: unknown field `vcpu`");
 }
+
+// --- vsock, hybrid: the agent's selftest talks to the host both ways ---
+
+fn accept_with_timeout(l: &std::os::unix::net::UnixListener, timeout: Duration) -> std::os::unix::net::UnixStream {
+    l.set_nonblocking(true).expect("nonblocking");
+    let start = Instant::now();
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).expect("blocking");
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(start.elapsed() < timeout, "the guest never connected");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+}
+
+/// Connects to the VMM's vsock socket and asks for guest port `port`.
+fn vsock_connect(uds: &Path, port: u32) -> (std::os::unix::net::UnixStream, Option<String>) {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds).expect("connect to the vsock socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
+    let mut reader = std::io::BufReader::new(s.try_clone().expect("clone"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("handshake reply");
+    (s, (!line.is_empty()).then_some(line))
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn vsock_both_directions() {
+    use std::io::{BufRead, Write};
+    require_kvm_that_boots_linux();
+    let dir = std::env::temp_dir().join(format!("moat-vsock-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let uds = dir.join("vsock.sock");
+    let hello_listener = std::os::unix::net::UnixListener::bind(dir.join("vsock.sock_7")).expect("bind _7");
+    let mut args = boot_args(1, 128, "moat.selftest");
+    args.extend(["--vsock".to_string(), uds.display().to_string()]);
+    let mut child = spawn(&args);
+    let pid = child.id() as libc::pid_t;
+
+    // Console lines arrive on a channel so the test can wait for the echo service.
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().expect("stdout");
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    // Guest to host: the agent connects to host port 7.
+    let hello = accept_with_timeout(&hello_listener, BOOT_TIMEOUT);
+    let mut line = String::new();
+    std::io::BufReader::new(hello).read_line(&mut line).expect("hello line");
+    assert_eq!(line, "hello from moat-agent\n");
+
+    let start = Instant::now();
+    loop {
+        let l = rx.recv_timeout(BOOT_TIMEOUT).expect("console closed before the echo service was up");
+        if l.contains("vsock echo listening") {
+            break;
+        }
+        assert!(start.elapsed() < BOOT_TIMEOUT);
+    }
+
+    // Host to guest: CONNECT, OK, then an echo of a small and a large line (the large
+    // one exercises credit flow control and payloads split across RX buffers).
+    let (mut s, reply) = vsock_connect(&uds, 7);
+    let reply = reply.expect("an OK line");
+    assert!(reply.starts_with("OK ") && reply.ends_with('\n'), "{reply:?}");
+    let big: String = "abcdefghij".repeat(30_000);
+    let mut writer = s.try_clone().expect("clone");
+    let big_line = format!("{big}\n");
+    let w = std::thread::spawn(move || {
+        writer.write_all(b"ping\n").expect("ping");
+        writer.write_all(big_line.as_bytes()).expect("big line");
+    });
+    let mut reader = std::io::BufReader::new(s.try_clone().expect("clone"));
+    let mut echoed = String::new();
+    reader.read_line(&mut echoed).expect("echo");
+    assert_eq!(echoed, "ping\n");
+    echoed.clear();
+    reader.read_line(&mut echoed).expect("big echo");
+    assert_eq!(echoed.len(), big.len() + 1, "big line came back whole");
+    assert!(echoed.trim_end() == big, "big line came back unchanged");
+    w.join().expect("writer");
+    s.flush().expect("flush");
+
+    // A guest port nobody listens on: the guest resets it, the host sees EOF, no OK.
+    let (_s2, reply) = vsock_connect(&uds, 4444);
+    assert_eq!(reply, None, "no OK for a closed guest port");
+
+    send_signal(pid, libc::SIGTERM);
+    let status = wait_with_timeout(&mut child, Duration::from_secs(30)).expect("VMM stops on SIGTERM");
+    assert_eq!(status.code(), Some(143));
+    assert!(!uds.exists(), "the VMM removes its vsock socket");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn vsock_socket_that_exists_is_refused() {
+    assert!(Path::new("/dev/kvm").exists(), "/dev/kvm is missing");
+    let path = std::env::temp_dir().join(format!("moat-vsock-exists-{}", std::process::id()));
+    std::fs::write(&path, b"").expect("create");
+    let kernel = artifact("vmlinux").display().to_string();
+    let r = bad(&["--kernel", &kernel, "--vsock", path.to_str().expect("utf-8")]);
+    let _ = std::fs::remove_file(&path);
+    assert_refused(&r, 1, "already exists; remove it if no VM uses it");
+}

@@ -15,6 +15,8 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{control, i8042, serial, ControlPort, SerialConsole, SerialSink, I8042};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::muxer::{Muxer, MuxerError};
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::devices::StopSink;
 use crate::VirtioSlot;
@@ -48,6 +50,8 @@ pub enum BuildError {
     Bus(#[from] BusError),
     #[error("cannot open a device backend")]
     DeviceBackend(#[source] std::io::Error),
+    #[error(transparent)]
+    Vsock(#[from] MuxerError),
     #[error("cannot register a virtio queue notification")]
     Ioeventfd(#[source] kvm_ioctls::Error),
     #[error("no room for more virtio devices")]
@@ -81,9 +85,14 @@ impl TryFrom<VmConfig> for Microvm {
         };
         let mut cmdline = Cmdline::try_from(&config.cmdline, MAX_CMDLINE_LEN)
             .map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
-        let rng = Rng::new().map_err(BuildError::DeviceBackend)?;
-        let announce = parts.add_virtio(Box::new(rng))?;
-        cmdline.insert_str(&announce).map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
+        let mut devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new().map_err(BuildError::DeviceBackend)?)];
+        if let Some(v) = &config.vsock {
+            devices.push(Box::new(Vsock::new(v.cid, Muxer::new(&v.uds_path, v.cid)?)));
+        }
+        for device in devices {
+            let announce = parts.add_virtio(device)?;
+            cmdline.insert_str(&announce).map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
+        }
         boot::write_boot_params(mem, &kernel, &cmdline, initrd, config.memory_bytes())?;
         mptable::setup(mem, config.vcpus)?;
         parts.finish(kernel.entry)

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 pub use builder::BuildError;
 pub use devices::legacy::{BootTimes, SerialSink};
 pub use devices::StopReason;
+use devices::StopSink;
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
 
@@ -157,35 +158,14 @@ impl Microvm {
             if let Some(r) = sink.reason() {
                 break r;
             }
-            // The main thread is also the device thread: queue notifications arrive on
-            // eventfds and are served here, under the device's lock.
-            let queues: Vec<(&VirtioSlot, usize)> =
-                self.virtio.iter().flat_map(|s| (0..s.queue_evts.len()).map(move |q| (s, q))).collect();
-            let mut fds = vec![
-                PollFd::new(event_fd_borrow(sink.event_fd()), PollFlags::POLLIN),
-                PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
-            ];
-            fds.extend(queues.iter().map(|(s, q)| PollFd::new(event_fd_borrow(&s.queue_evts[*q]), PollFlags::POLLIN)));
-            match poll(&mut fds, PollTimeout::NONE) {
-                Ok(_) => {}
+            match poll_devices(&self.virtio, &sink, &sfd) {
+                Ok(()) => {}
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => {
                     stop_vcpus(&running, threads);
                     return Err(RunError::Poll(e));
                 }
             }
-            let ready: Vec<bool> =
-                fds.iter().map(|f| f.revents().is_some_and(|r| r.contains(PollFlags::POLLIN))).collect();
-            drop(fds);
-            for (i, (slot, q)) in queues.iter().enumerate() {
-                if ready[i + 2] && slot.queue_evts[*q].read().is_ok() {
-                    slot.transport.lock().unwrap_or_else(|p| p.into_inner()).notify(*q);
-                }
-            }
-            if let Ok(Some(info)) = sfd.read_signal() {
-                sink.stop(StopReason::Signal(info.ssi_signo as i32));
-            }
-            let _ = sink.event_fd().read();
         };
         stop_vcpus(&running, threads);
         self.serial.flush_all();
@@ -197,6 +177,74 @@ impl Microvm {
             ran_for: self.started.elapsed(),
         })
     }
+}
+
+/// What one poll entry stands for.
+enum Source {
+    Stop,
+    Signals,
+    Queue(usize, usize),
+    Backend(usize, RawFd),
+}
+
+/// One round of the main loop, which is also the device thread: waits for a stop
+/// request, a signal, a virtio queue notification (ioeventfd) or a device backend's
+/// host socket, and serves what is ready under the device's lock.
+fn poll_devices(virtio: &[VirtioSlot], sink: &StopSink, sfd: &SignalFd) -> Result<(), nix::Error> {
+    let mut sources = vec![Source::Stop, Source::Signals];
+    let mut fds = vec![
+        PollFd::new(event_fd_borrow(sink.event_fd()), PollFlags::POLLIN),
+        PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
+    ];
+    for (d, slot) in virtio.iter().enumerate() {
+        for (q, evt) in slot.queue_evts.iter().enumerate() {
+            sources.push(Source::Queue(d, q));
+            fds.push(PollFd::new(event_fd_borrow(evt), PollFlags::POLLIN));
+        }
+        let backend = slot.transport.lock().unwrap_or_else(|p| p.into_inner()).backend_fds();
+        for (fd, read, write) in backend.into_iter().filter(|(_, r, w)| *r || *w) {
+            let mut flags = PollFlags::empty();
+            flags.set(PollFlags::POLLIN, read);
+            flags.set(PollFlags::POLLOUT, write);
+            sources.push(Source::Backend(d, fd));
+            // SAFETY: poll only hands the number to the kernel. The fd belongs to a
+            // device of this VM; if a guest-triggered device reset on a vCPU thread
+            // closes it meanwhile, poll reports POLLNVAL or the number's new owner,
+            // and the device ignores readiness for fds it does not own.
+            fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, flags));
+        }
+    }
+    poll(&mut fds, PollTimeout::NONE)?;
+    let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect();
+    drop(fds);
+    for (source, ev) in sources.iter().zip(revents) {
+        if ev.is_empty() {
+            continue;
+        }
+        match *source {
+            Source::Stop => {
+                let _ = sink.event_fd().read();
+            }
+            Source::Signals => {
+                if let Ok(Some(info)) = sfd.read_signal() {
+                    sink.stop(StopReason::Signal(info.ssi_signo as i32));
+                }
+            }
+            Source::Queue(d, q) => {
+                if virtio[d].queue_evts[q].read().is_ok() {
+                    virtio[d].transport.lock().unwrap_or_else(|p| p.into_inner()).notify(q);
+                }
+            }
+            Source::Backend(d, fd) => {
+                let readable = ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
+                let writable = ev.intersects(PollFlags::POLLOUT | PollFlags::POLLERR);
+                if !ev.contains(PollFlags::POLLNVAL) {
+                    virtio[d].transport.lock().unwrap_or_else(|p| p.into_inner()).backend_ready(fd, readable, writable);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// An `EventFd` as a borrowed fd (vmm-sys-util's type only offers the raw fd).

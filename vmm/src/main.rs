@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use moat_config::{check_memory, check_vcpus, SerialOutput, VmConfig};
+use moat_config::{check_memory, check_vcpus, SerialOutput, VmConfig, VsockConfig};
 use moat_vmm::{Microvm, Outcome, StopReason};
 
 const USAGE: &str = "usage: moat-vmm [--config FILE] [--kernel PATH] [--initrd PATH] [--vcpus N] \
-[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
+[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--vsock UDS_PATH [--vsock-cid N]] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
 
 #[derive(Debug)]
 struct UsageError(String);
@@ -30,7 +30,8 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
                 println!("{}", moat_config::DEFAULT_CMDLINE);
                 std::process::exit(0);
             }
-            "--config" | "--kernel" | "--initrd" | "--vcpus" | "--memory" | "--cmdline" | "--serial" => {
+            "--config" | "--kernel" | "--initrd" | "--vcpus" | "--memory" | "--cmdline" | "--serial" | "--vsock"
+            | "--vsock-cid" => {
                 let value = args.next().ok_or_else(|| UsageError(format!("{arg} needs a value")))?;
                 if arg == "--config" {
                     file = Some(value.into());
@@ -54,6 +55,17 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
             "--memory" => config.memory_mib = check_memory(number()?).map_err(|e| UsageError(e.to_string()))?,
             "--cmdline" => config.cmdline = value,
             "--no-seccomp" => config.seccomp = false,
+            "--vsock" => {
+                let cid = config.vsock.as_ref().map_or(3, |v| v.cid);
+                config.vsock = Some(VsockConfig { cid, uds_path: value.into() });
+            }
+            "--vsock-cid" => {
+                let cid = number()?;
+                match config.vsock.as_mut() {
+                    Some(v) => v.cid = cid,
+                    None => return Err(UsageError("--vsock-cid needs --vsock PATH before it".into())),
+                }
+            }
             "--no-huge-pages" => config.huge_pages = false,
             "--serial" => {
                 config.serial = match value.as_str() {

@@ -54,7 +54,9 @@ const COMMON: &[i64] = &[
 ];
 
 /// The main thread additionally polls, reads eventfds and the signalfd, kicks vCPU
-/// threads with a signal, sleeps between kicks, and closes fds on shutdown.
+/// threads with a signal, sleeps between kicks, serves the vsock muxer's Unix
+/// sockets (accept host connections, connect guest-initiated ones to `<uds>_<port>`,
+/// remove the socket on exit).
 const MAIN_EXTRA: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_ppoll,
@@ -63,7 +65,21 @@ const MAIN_EXTRA: &[i64] = &[
     libc::SYS_nanosleep,
     libc::SYS_clock_nanosleep,
     libc::SYS_getrandom,
+    libc::SYS_accept4,
+    libc::SYS_socket,
+    libc::SYS_connect,
+    libc::SYS_shutdown,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_fcntl,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
 ];
+
+/// `FIONBIO`: how the standard library makes a socket non-blocking.
+const FIONBIO: u64 = 0x5421;
 
 fn filter(extra: &[i64], ioctls: &[u64]) -> Result<BpfProgram, SeccompError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -93,7 +109,7 @@ pub fn vcpu_filter() -> Result<BpfProgram, SeccompError> {
 
 /// The filter for the main (event loop) thread.
 pub fn main_filter() -> Result<BpfProgram, SeccompError> {
-    filter(MAIN_EXTRA, &[])
+    filter(MAIN_EXTRA, &[FIONBIO])
 }
 
 /// Installs `program` on the calling thread (threads it creates later inherit it).

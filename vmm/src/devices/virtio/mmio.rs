@@ -100,6 +100,21 @@ impl MmioTransport {
         }
     }
 
+    /// The device's host-side fds, polled only while the device is live.
+    pub fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, bool, bool)> {
+        if self.active {
+            self.device.backend_fds()
+        } else {
+            Vec::new()
+        }
+    }
+
+    pub fn backend_ready(&mut self, fd: std::os::fd::RawFd, readable: bool, writable: bool) {
+        if self.active {
+            self.device.backend_ready(fd, readable, writable);
+        }
+    }
+
     fn selected(&mut self) -> Option<&mut Queue> {
         self.queues.get_mut(self.queue_sel as usize)
     }

@@ -87,4 +87,10 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize);
     /// Stops serving and drops the queues (driver wrote 0 to Status).
     fn reset(&mut self);
+    /// Host-side file descriptors to poll while active: (fd, want read, want write).
+    fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, bool, bool)> {
+        Vec::new()
+    }
+    /// One of `backend_fds` is ready.
+    fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _readable: bool, _writable: bool) {}
 }

@@ -28,6 +28,16 @@ pub enum ConnState {
     Closing,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    #[error("guest sent data after shutting down its sending side")]
+    AfterShutdown,
+    #[error("guest sent more than its credit allows")]
+    NoCredit,
+    #[error("host socket failed")]
+    Host(#[source] io::Error),
+}
+
 pub struct Connection {
     pub stream: UnixStream,
     /// The host side's port number (the guest's peer port).
@@ -117,13 +127,17 @@ impl Connection {
         !self.tx_buf.is_empty()
     }
 
-    /// Payload from the guest. Err if the guest sent more than it had credit for.
-    pub fn recv_from_guest(&mut self, payload: &[u8]) -> Result<(), ()> {
-        if self.tx_buf.len() + payload.len() > CONN_BUF_ALLOC as usize || self.guest_done_sending {
-            return Err(());
+    /// Payload from the guest. Fails if the guest sent more than it had credit for,
+    /// sent after shutting down its sending side, or the host socket failed.
+    pub fn recv_from_guest(&mut self, payload: &[u8]) -> Result<(), RecvError> {
+        if self.guest_done_sending {
+            return Err(RecvError::AfterShutdown);
+        }
+        if self.tx_buf.len() + payload.len() > CONN_BUF_ALLOC as usize {
+            return Err(RecvError::NoCredit);
         }
         self.tx_buf.extend(payload);
-        self.flush_to_host().map_err(|_| ())
+        self.flush_to_host().map_err(RecvError::Host)
     }
 
     /// Writes buffered guest bytes to the host socket until it would block.

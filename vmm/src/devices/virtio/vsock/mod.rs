@@ -1,6 +1,9 @@
-//! virtio-vsock, hybrid as in Firecracker: the host side is a Unix socket. This is
-//! the packet layer; the device and its Unix-socket muxer build on it.
+//! virtio-vsock, hybrid as in Firecracker: the guest's vsock device is backed on the
+//! host by a Unix socket (see `muxer.rs` for the handshake).
 
 pub mod connection;
+mod device;
 pub mod muxer;
 pub mod packet;
+
+pub use device::Vsock;

@@ -308,6 +308,13 @@ impl Muxer {
         }
     }
 
+    /// Forgets every connection (the guest driver reset, so the guest forgot them too).
+    pub fn reset_all(&mut self) {
+        self.conns.clear();
+        self.handshakes.clear();
+        self.rx.clear();
+    }
+
     pub fn has_rx(&self) -> bool {
         !self.rx.is_empty()
     }

@@ -123,6 +123,24 @@ pub fn write_rx(
     Ok(need as u32)
 }
 
+/// Writes `hdr` and as much of `payload` as the chain holds after the header.
+/// Returns (bytes written for the used ring, payload bytes written).
+pub fn write_rx_partial(
+    mem: &GuestMemoryMmap,
+    chain: Chain<'_>,
+    mut hdr: VsockHeader,
+    payload: &[u8],
+) -> Result<(u32, usize), PacketError> {
+    let mut writer = chain.writer(mem).map_err(|e| PacketError::Chain(e.to_string()))?;
+    let have = writer.available_bytes();
+    let room = have.checked_sub(HEADER_LEN).ok_or(PacketError::NoRoom { have, need: HEADER_LEN })?;
+    let n = payload.len().min(room).min(MAX_PAYLOAD as usize);
+    hdr.len = n as u32;
+    writer.write_obj(hdr).map_err(|e| PacketError::Chain(e.to_string()))?;
+    writer.write_all(&payload[..n]).map_err(|e| PacketError::Chain(e.to_string()))?;
+    Ok(((HEADER_LEN + n) as u32, n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +252,18 @@ mod tests {
         let hdr = VsockHeader::from_slice(&all[..44]).copied().expect("hdr");
         assert_eq!({ hdr.len }, 7);
         assert_eq!(&all[44..], b"payload");
+    }
+
+    #[test]
+    fn rx_partial_splits_a_big_payload() {
+        let m = mem();
+        let descs = [desc(0x10_0000, 44 + 4, F_WRITE, 0)];
+        let (used, n) = with_chain(&m, &descs, |c| write_rx_partial(&m, c, rw_header(0), b"abcdefgh")).expect("write");
+        assert_eq!((used, n), (48, 4));
+        let hdr: VsockHeader = m.read_obj(GuestAddress(0x10_0000)).expect("hdr");
+        assert_eq!({ hdr.len }, 4);
+        let descs = [desc(0x10_0000, 43, F_WRITE, 0)];
+        assert!(with_chain(&m, &descs, |c| write_rx_partial(&m, c, rw_header(0), b"x")).is_err());
     }
 
     #[test]

@@ -1,0 +1,158 @@
+//! The virtio-vsock device: RX, TX and event queues, the guest CID in config space,
+//! and the muxer behind it.
+
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+
+use super::muxer::Muxer;
+use super::packet::{self, OP_RW};
+use crate::devices::virtio::{ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+
+const TYPE_VSOCK: u32 = 19;
+const QUEUE_SIZES: &[u16] = &[256, 256, 64];
+const RX: usize = 0;
+const TX: usize = 1;
+
+struct Live {
+    mem: GuestMemoryMmap,
+    rx: Queue,
+    tx: Queue,
+    irq: Arc<IrqLine>,
+}
+
+pub struct Vsock {
+    cid: u64,
+    muxer: Muxer,
+    live: Option<Live>,
+}
+
+impl Vsock {
+    pub fn new(cid: u64, muxer: Muxer) -> Vsock {
+        Vsock { cid, muxer, live: None }
+    }
+
+    /// Takes every packet the guest queued on TX.
+    fn process_tx(&mut self) {
+        let Some(live) = self.live.as_mut() else { return };
+        let mut used = false;
+        loop {
+            let chain = match live.tx.iter(&live.mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => None,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            match packet::read_tx(&live.mem, chain) {
+                Ok(pkt) => self.muxer.from_guest(pkt),
+                Err(e) => log::debug!("vsock: dropping malformed TX packet: {e}"),
+            }
+            if live.tx.add_used(&live.mem, head, 0).is_err() {
+                break;
+            }
+            used = true;
+        }
+        if used && live.tx.needs_notification(&live.mem).unwrap_or(true) {
+            live.irq.trigger(INT_VRING);
+        }
+    }
+
+    /// Moves queued packets into the guest's RX buffers, splitting payloads across
+    /// buffers as needed.
+    fn deliver_rx(&mut self) {
+        let Some(live) = self.live.as_mut() else { return };
+        let mut used = false;
+        while self.muxer.has_rx() {
+            let chain = match live.rx.iter(&live.mem) {
+                Ok(mut it) => it.next(),
+                Err(_) => None,
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let Some((hdr, payload)) = self.muxer.pop_rx() else { break };
+            let written = match packet::write_rx_partial(&live.mem, chain, hdr, &payload) {
+                Ok((len, n)) => {
+                    if hdr.op == OP_RW {
+                        let (local, peer) = (hdr.src_port, hdr.dst_port);
+                        self.muxer.delivered(local, peer, n as u32, n == payload.len());
+                        if n < payload.len() {
+                            self.muxer.push_front_rx((hdr, payload[n..].to_vec()));
+                        }
+                    }
+                    len
+                }
+                Err(e) => {
+                    // A buffer too small for a header: hand it back empty and keep the
+                    // packet for the next one.
+                    log::debug!("vsock: unusable RX buffer: {e}");
+                    self.muxer.push_front_rx((hdr, payload));
+                    0
+                }
+            };
+            if live.rx.add_used(&live.mem, head, written).is_err() {
+                break;
+            }
+            used = true;
+        }
+        if used && live.rx.needs_notification(&live.mem).unwrap_or(true) {
+            live.irq.trigger(INT_VRING);
+        }
+    }
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        TYPE_VSOCK
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        QUEUE_SIZES
+    }
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+    }
+    fn set_acked_features(&mut self, _acked: u64) {}
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let cfg = self.cid.to_le_bytes();
+        for (i, b) in data.iter_mut().enumerate() {
+            *b = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
+        }
+    }
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
+        let got = a.queues.len();
+        let mut q = a.queues.into_iter();
+        let (Some(rx), Some(tx), Some(_event)) = (q.next(), q.next(), q.next()) else {
+            return Err(ActivateError::QueueCount { got, want: 3 });
+        };
+        self.live = Some(Live { mem: a.mem, rx, tx, irq: a.irq });
+        Ok(())
+    }
+
+    fn process_queue(&mut self, index: usize) {
+        match index {
+            TX => self.process_tx(),
+            RX => {}
+            // The event queue only ever holds buffers for events moat never sends.
+            _ => return,
+        }
+        self.deliver_rx();
+    }
+
+    fn reset(&mut self) {
+        self.live = None;
+        self.muxer.reset_all();
+    }
+
+    fn backend_fds(&self) -> Vec<(RawFd, bool, bool)> {
+        self.muxer.fds()
+    }
+
+    fn backend_ready(&mut self, fd: RawFd, readable: bool, writable: bool) {
+        self.muxer.ready(fd, readable, writable);
+        self.deliver_rx();
+    }
+}
