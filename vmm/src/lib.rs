@@ -132,7 +132,12 @@ impl Microvm {
                         return;
                     }
                 }
-                vcpu.run(&running)
+                // A panic is a VMM bug; it must still stop the VM rather than leave it
+                // waiting for a vCPU that is gone (release builds abort instead).
+                let sink = vcpu.sink();
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| vcpu.run(&running))).is_err() {
+                    sink.stop(StopReason::Error("a vCPU thread panicked".into()));
+                }
             };
             match std::thread::Builder::new().name(name).stack_size(VCPU_STACK_SIZE).spawn(body) {
                 Ok(t) => threads.push(t),
@@ -232,14 +237,27 @@ fn poll_devices(virtio: &[VirtioSlot], sink: &StopSink, sfd: &SignalFd) -> Resul
             }
             Source::Queue(d, q) => {
                 if virtio[d].queue_evts[q].read().is_ok() {
-                    virtio[d].transport.lock().unwrap_or_else(|p| p.into_inner()).notify(q);
+                    let more = virtio[d].transport.lock().unwrap_or_else(|p| p.into_inner()).notify(q);
+                    if more {
+                        // Come back to it after the other events (stop requests first).
+                        let _ = virtio[d].queue_evts[q].write(1);
+                    }
                 }
             }
             Source::Backend(d, fd) => {
                 let readable = ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
                 let writable = ev.intersects(PollFlags::POLLOUT | PollFlags::POLLERR);
                 if !ev.contains(PollFlags::POLLNVAL) {
-                    virtio[d].transport.lock().unwrap_or_else(|p| p.into_inner()).backend_ready(fd, readable, writable);
+                    let more = virtio[d]
+                        .transport
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .backend_ready(fd, readable, writable);
+                    if more {
+                        // RX buffers ran out of budget this round: the RX queue's
+                        // eventfd brings the device back.
+                        let _ = virtio[d].queue_evts[0].write(1);
+                    }
                 }
             }
         }
@@ -255,17 +273,26 @@ fn event_fd_borrow(evt: &vmm_sys_util::eventfd::EventFd) -> std::os::fd::Borrowe
     unsafe { std::os::fd::BorrowedFd::borrow_raw(evt.as_raw_fd()) }
 }
 
+/// How long stopping waits for vCPU threads. One can be stuck outside KVM_RUN, e.g.
+/// writing console output to a pipe nobody reads; the process exit ends it.
+const VCPU_STOP_DEADLINE: Duration = Duration::from_secs(2);
+
 /// Tells every vCPU to finish and kicks it out of the guest until it has. A kick that
-/// lands just before a thread enters KVM_RUN is lost, so kicks repeat.
+/// lands just before a thread enters KVM_RUN is lost, so kicks repeat, up to a deadline.
 fn stop_vcpus(running: &AtomicBool, threads: Vec<JoinHandle<()>>) {
     running.store(false, Ordering::SeqCst);
+    let start = Instant::now();
     for t in threads {
-        while !t.is_finished() {
+        while !t.is_finished() && start.elapsed() < VCPU_STOP_DEADLINE {
             if t.kill(kick_signal()).is_err() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
         }
-        let _ = t.join();
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            log::warn!("a vCPU thread did not stop within {VCPU_STOP_DEADLINE:?}; leaving it to process exit");
+        }
     }
 }

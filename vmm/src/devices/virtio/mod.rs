@@ -83,14 +83,20 @@ pub trait VirtioDevice: Send {
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts serving the queues.
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
-    /// Handles a notification on queue `index` (only called while active).
-    fn process_queue(&mut self, index: usize);
+    /// Handles a notification on queue `index` (only called while active). Serves a
+    /// bounded amount of work (at most a queue's worth of chains) and returns true
+    /// if more is waiting, so a guest that keeps refilling a queue cannot hold the
+    /// VMM's main thread: the caller comes back after its other events.
+    fn process_queue(&mut self, index: usize) -> bool;
     /// Stops serving and drops the queues (driver wrote 0 to Status).
     fn reset(&mut self);
     /// Host-side file descriptors to poll while active: (fd, want read, want write).
     fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, bool, bool)> {
         Vec::new()
     }
-    /// One of `backend_fds` is ready.
-    fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _readable: bool, _writable: bool) {}
+    /// One of `backend_fds` is ready. Returns true if queue work is left over (as for
+    /// `process_queue`).
+    fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _readable: bool, _writable: bool) -> bool {
+        false
+    }
 }

@@ -3,7 +3,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::handler::fill_chains;
@@ -46,12 +46,13 @@ impl VirtioDevice for Rng {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
-        if let (0, Some((mem, queue, irq))) = (index, self.active.as_mut()) {
-            if fill_chains(queue, mem, &mut self.source) {
-                irq.trigger(INT_VRING);
-            }
+    fn process_queue(&mut self, index: usize) -> bool {
+        let (0, Some((mem, queue, irq))) = (index, self.active.as_mut()) else { return false };
+        let (interrupt, more) = fill_chains(queue, mem, &mut self.source, usize::from(queue.size()));
+        if interrupt {
+            irq.trigger(INT_VRING);
         }
+        more
     }
 
     fn reset(&mut self) {

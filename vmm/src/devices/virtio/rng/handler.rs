@@ -9,16 +9,28 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 /// (the driver asks again) instead of making the VMM read megabytes at once.
 pub const MAX_BYTES_PER_CHAIN: u32 = 64 * 1024;
 
-/// Serves every available request on `queue` with bytes from `source`. Returns
-/// whether the driver must be interrupted.
+/// Serves up to `max_chains` available requests on `queue` with bytes from `source`.
+/// Returns (whether the driver must be interrupted, whether requests remain).
 ///
 /// Each descriptor chain may have any shape: one or many device-writable buffers, in
 /// any split. Read-only buffers carry nothing for this device and are skipped; a
 /// buffer outside guest memory ends that request with what was written so far.
-pub fn fill_chains(queue: &mut Queue, mem: &GuestMemoryMmap, source: &mut impl Read) -> bool {
+pub fn fill_chains(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    source: &mut impl Read,
+    max_chains: usize,
+) -> (bool, bool) {
     let mut used_any = false;
     let mut buf = vec![0u8; 4096];
+    let mut served = 0;
+    let mut more = false;
     loop {
+        if served == max_chains {
+            more = true;
+            break;
+        }
+        served += 1;
         let chain = match queue.iter(mem) {
             Ok(mut it) => it.next(),
             Err(e) => {
@@ -59,7 +71,7 @@ pub fn fill_chains(queue: &mut Queue, mem: &GuestMemoryMmap, source: &mut impl R
         }
         used_any = true;
     }
-    used_any && queue.needs_notification(mem).unwrap_or(true)
+    (used_any && queue.needs_notification(mem).unwrap_or(true), more)
 }
 
 #[cfg(test)]
@@ -99,7 +111,7 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         vq.add_desc_chains(&[desc(0x10_0000, 64, F_WRITE, 0)], 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        assert!(fill_chains(&mut q, &m, &mut Fives));
+        assert!(fill_chains(&mut q, &m, &mut Fives, 16).0);
         let mut out = [0u8; 64];
         m.read_slice(&mut out, GuestAddress(0x10_0000)).expect("read");
         assert_eq!(out, [0x5a; 64]);
@@ -121,7 +133,7 @@ mod tests {
         )
         .expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives);
+        fill_chains(&mut q, &m, &mut Fives, 16);
         assert_eq!(used_len(&m, &vq, 0), 4);
         let mut ro = [0u8; 8];
         m.read_slice(&mut ro, GuestAddress(0x10_1000)).expect("read");
@@ -135,7 +147,7 @@ mod tests {
         vq.add_desc_chains(&[desc(0x10_0000, 16, F_WRITE | F_NEXT, 1), desc(0xffff_0000, 16, F_WRITE, 0)], 0)
             .expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives);
+        fill_chains(&mut q, &m, &mut Fives, 16);
         assert_eq!(used_len(&m, &vq, 0), 16);
     }
 
@@ -147,7 +159,7 @@ mod tests {
         vq.add_desc_chains(&[desc(0x10_0000, 2, F_WRITE | F_NEXT, 1), desc(0x10_1000, 2, F_WRITE | F_NEXT, 0)], 0)
             .expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives);
+        fill_chains(&mut q, &m, &mut Fives, 16);
         // The chain walk stops after queue-size descriptors.
         assert!(used_len(&m, &vq, 0) <= 2 * 16);
     }
@@ -158,7 +170,7 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         vq.add_desc_chains(&[desc(0x10_0000, 1 << 20, F_WRITE, 0)], 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives);
+        fill_chains(&mut q, &m, &mut Fives, 16);
         assert_eq!(used_len(&m, &vq, 0), MAX_BYTES_PER_CHAIN);
     }
 
@@ -168,9 +180,20 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         vq.add_desc_chains(&[desc(0x10_0000, 8, F_WRITE, 0), desc(0x10_1000, 32, F_WRITE, 0)], 0).expect("chains");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives);
+        fill_chains(&mut q, &m, &mut Fives, 16);
         assert_eq!(used_len(&m, &vq, 0), 8);
         assert_eq!(used_len(&m, &vq, 1), 32);
-        assert!(!fill_chains(&mut q, &m, &mut Fives), "nothing left, no interrupt");
+        assert_eq!(fill_chains(&mut q, &m, &mut Fives, 16), (false, false), "nothing left, no interrupt");
+    }
+
+    #[test]
+    fn work_per_call_is_bounded() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        let descs: Vec<_> = (0..3).map(|i| desc(0x10_0000 + i * 0x1000, 8, F_WRITE, 0)).collect();
+        vq.add_desc_chains(&descs, 0).expect("chains");
+        let mut q: Queue = vq.create_queue().expect("queue");
+        assert_eq!(fill_chains(&mut q, &m, &mut Fives, 2), (true, true), "stops after 2, more left");
+        assert!(!fill_chains(&mut q, &m, &mut Fives, 2).1, "the third is served next time");
     }
 }

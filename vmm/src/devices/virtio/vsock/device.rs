@@ -34,11 +34,19 @@ impl Vsock {
         Vsock { cid, muxer, live: None }
     }
 
-    /// Takes every packet the guest queued on TX.
-    fn process_tx(&mut self) {
-        let Some(live) = self.live.as_mut() else { return };
+    /// Takes up to a queue's worth of packets the guest queued on TX; true if more
+    /// are waiting.
+    fn process_tx(&mut self) -> bool {
+        let Some(live) = self.live.as_mut() else { return false };
         let mut used = false;
+        let mut budget = live.tx.size();
+        let mut more = false;
         loop {
+            if budget == 0 {
+                more = true;
+                break;
+            }
+            budget -= 1;
             let chain = match live.tx.iter(&live.mem) {
                 Ok(mut it) => it.next(),
                 Err(_) => None,
@@ -57,14 +65,21 @@ impl Vsock {
         if used && live.tx.needs_notification(&live.mem).unwrap_or(true) {
             live.irq.trigger(INT_VRING);
         }
+        more
     }
 
     /// Moves queued packets into the guest's RX buffers, splitting payloads across
-    /// buffers as needed.
-    fn deliver_rx(&mut self) {
-        let Some(live) = self.live.as_mut() else { return };
+    /// buffers as needed; at most a queue's worth of buffers per call. True if
+    /// packets and buffers may remain for another round.
+    fn deliver_rx(&mut self) -> bool {
+        let Some(live) = self.live.as_mut() else { return false };
         let mut used = false;
+        let mut budget = live.rx.size();
         while self.muxer.has_rx() {
+            if budget == 0 {
+                break;
+            }
+            budget -= 1;
             let chain = match live.rx.iter(&live.mem) {
                 Ok(mut it) => it.next(),
                 Err(_) => None,
@@ -99,6 +114,7 @@ impl Vsock {
         if used && live.rx.needs_notification(&live.mem).unwrap_or(true) {
             live.irq.trigger(INT_VRING);
         }
+        budget == 0 && self.muxer.has_rx()
     }
 }
 
@@ -132,14 +148,15 @@ impl VirtioDevice for Vsock {
         Ok(())
     }
 
-    fn process_queue(&mut self, index: usize) {
-        match index {
+    fn process_queue(&mut self, index: usize) -> bool {
+        let more_tx = match index {
             TX => self.process_tx(),
-            RX => {}
+            RX => false,
             // The event queue only ever holds buffers for events moat never sends.
-            _ => return,
-        }
-        self.deliver_rx();
+            _ => return false,
+        };
+        let more_rx = self.deliver_rx();
+        more_tx || more_rx
     }
 
     fn reset(&mut self) {
@@ -151,8 +168,8 @@ impl VirtioDevice for Vsock {
         self.muxer.fds()
     }
 
-    fn backend_ready(&mut self, fd: RawFd, readable: bool, writable: bool) {
+    fn backend_ready(&mut self, fd: RawFd, readable: bool, writable: bool) -> bool {
         self.muxer.ready(fd, readable, writable);
-        self.deliver_rx();
+        self.deliver_rx()
     }
 }
