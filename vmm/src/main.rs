@@ -110,7 +110,9 @@ fn exit_status(outcome: &Outcome) -> u8 {
 
 fn main() -> ExitCode {
     moat_vmm::started();
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+    // virtio-queue logs at error level on driver mistakes a guest can repeat at will;
+    // keep those out of the host's logs unless asked for with RUST_LOG.
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,virtio_queue=off"))
         .format_timestamp_millis()
         .init();
     let config = match parse_args(std::env::args().skip(1)) {

@@ -101,6 +101,11 @@ impl Vcpu {
         self.id
     }
 
+    /// Where this vCPU reports a stop.
+    pub fn sink(&self) -> Arc<StopSink> {
+        self.ctx.sink.clone()
+    }
+
     /// Stops the VM with an error instead of running this vCPU.
     pub fn fail(self, why: String) {
         self.ctx.sink.stop(StopReason::Error(why));

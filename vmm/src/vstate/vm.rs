@@ -78,10 +78,12 @@ impl Vm {
                 userspace_addr: host as u64,
                 flags: 0,
             };
-            // SAFETY: `host..host+len` is a live mapping owned by `memory`, which this
-            // Vm keeps (and drops after `fd`), so KVM never sees it unmapped while the
-            // VM exists. Slots are distinct and regions do not overlap (vm-memory
-            // checks that when it builds the collection).
+            // SAFETY: `host..host+len` is a live mapping of `memory`. It stays mapped
+            // as long as any user of the VM can run the guest: this Vm keeps a
+            // handle, the virtio transports keep clones, vCPU threads are joined (or
+            // the process exits) before the Microvm is dropped, and huge-page-backed
+            // guest RAM is never unmapped at all. Slots are distinct and regions do
+            // not overlap (vm-memory checks that when it builds the collection).
             unsafe { fd.set_user_memory_region(r) }.map_err(|e| VmError::MemorySlot(slot, e))?;
         }
         Ok(Vm { fd, memory })

@@ -71,10 +71,15 @@ impl SerialSink {
         SerialSink { inner: Arc::new(Mutex::new(lb)) }
     }
 
-    /// Writes out whatever is buffered, complete line or not.
+    /// Writes out whatever is buffered, complete line or not. Skipped if a vCPU
+    /// thread still holds the buffer (stuck writing to a full pipe): stopping the VM
+    /// must not wait on the console's reader.
     pub fn flush_all(&self) {
-        let mut lb = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        lb.drain();
+        match self.inner.try_lock() {
+            Ok(mut lb) => lb.drain(),
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner().drain(),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
     }
 }
 
