@@ -62,6 +62,8 @@ pub enum BootError {
 /// Result of loading the kernel.
 pub struct LoadedKernel {
     pub entry: EntryPoint,
+    /// Lowest address the initramfs may start at: the end of the loaded image, or
+    /// for a bzImage the end of the area it decompresses itself into.
     pub kernel_end: u64,
     /// The bzImage setup header, to be copied into the zero page.
     setup_header: Option<linux_loader::loader::bootparam::setup_header>,
@@ -84,9 +86,15 @@ pub fn load_kernel(mem: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, B
         Ok(LoadedKernel { entry, kernel_end: r.kernel_end, setup_header: None })
     } else {
         let r = BzImage::load(mem, None, &mut file, highmem).map_err(|e| kernel_error(&name, e))?;
+        // The compressed kernel moves itself to pref_address and unpacks into
+        // init_size bytes there; an initramfs below that end would be overwritten.
+        let unpacked_end = r.setup_header.map_or(0, |h| {
+            let (pref, init) = (h.pref_address, h.init_size);
+            pref.saturating_add(u64::from(init))
+        });
         Ok(LoadedKernel {
             entry: EntryPoint::Linux64(GuestAddress(r.kernel_load.raw_value() + BZIMAGE_64BIT_ENTRY_OFFSET)),
-            kernel_end: r.kernel_end,
+            kernel_end: r.kernel_end.max(unpacked_end),
             setup_header: r.setup_header,
         })
     }
@@ -109,8 +117,10 @@ pub fn load_initrd(
     let mut file = File::open(path).map_err(|e| BootError::ReadInitrd(name.clone(), e))?;
     let size = file.metadata().map_err(|e| BootError::ReadInitrd(name.clone(), e))?.len();
     let addr = initrd_address(size, kernel_end, ram_below_gap).ok_or(BootError::InitrdTooBig { size })?;
-    let mut data = Vec::with_capacity(size as usize);
-    file.read_to_end(&mut data).map_err(|e| BootError::ReadInitrd(name, e))?;
+    // Exactly the size that was placed: a file that grows meanwhile must not spill
+    // past the space reserved for it.
+    let mut data = vec![0u8; size as usize];
+    file.read_exact(&mut data).map_err(|e| BootError::ReadInitrd(name, e))?;
     vm_memory::Bytes::write_slice(mem, &data, addr).map_err(BootError::WriteInitrd)?;
     Ok((addr, data.len() as u64))
 }

@@ -33,7 +33,10 @@ pub fn patch_entry(e: &mut kvm_cpuid_entry2, cpu: u8, count: u8) {
     let count = u32::from(count);
     match e.function {
         LEAF_FEATURES => {
-            e.ebx = (cpu << 24) | (count << 16) | (CLFLUSH_SIZE << 8) | (e.ebx & 0xff);
+            // Logical processors per package, rounded up to a power of two as real
+            // CPUs report it (older topology code shifts by its log2).
+            let per_package = 1u32 << bits_for(count);
+            e.ebx = (cpu << 24) | ((per_package & 0xff) << 16) | (CLFLUSH_SIZE << 8) | (e.ebx & 0xff);
             e.ecx |= ECX_HYPERVISOR;
             if count > 1 {
                 e.edx |= EDX_HTT;
@@ -45,8 +48,9 @@ pub fn patch_entry(e: &mut kvm_cpuid_entry2, cpu: u8, count: u8) {
             // Cores per package - 1 in EAX[31:26]; threads sharing this cache - 1 in
             // EAX[25:14]: private caches below L3, L3 shared by every core.
             let level = (e.eax >> 5) & 0x7;
-            let sharing = if level >= 3 { count - 1 } else { 0 };
-            e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
+            let ids = (1u32 << bits_for(count)) - 1;
+            let sharing = if level >= 3 { ids } else { 0 };
+            e.eax = (e.eax & 0x3fff) | ((sharing & 0xfff) << 14) | ((ids & 0x3f) << 26);
         }
         LEAF_EXT_TOPOLOGY | LEAF_EXT_TOPOLOGY_V2 => {
             let (shift, logical, level) = match e.index {
@@ -91,6 +95,8 @@ mod tests {
         patch_entry(&mut e, 3, 4);
         assert_eq!(e.ebx >> 24, 3);
         assert_eq!((e.ebx >> 16) & 0xff, 4);
+        patch_entry(&mut e, 2, 3);
+        assert_eq!((e.ebx >> 16) & 0xff, 4, "3 CPUs round up to 4");
         assert_ne!(e.ecx & ECX_HYPERVISOR, 0);
         assert_ne!(e.edx & EDX_HTT, 0);
         patch_entry(&mut e, 0, 1);
