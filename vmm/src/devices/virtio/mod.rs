@@ -16,6 +16,22 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+/// The next available descriptor chain of `queue`, or None when the ring is empty or
+/// its index cannot be read (the guest broke it; the device then serves nothing).
+pub fn next_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>> {
+    use virtio_queue::QueueOwnedT;
+    match queue.iter(mem) {
+        Ok(mut it) => it.next(),
+        Err(e) => {
+            log::debug!("virtio: avail ring unreadable: {e}");
+            None
+        }
+    }
+}
+
 /// Feature bit every moat device offers and requires: virtio 1.x semantics.
 pub const VIRTIO_F_VERSION_1: u32 = 32;
 

@@ -2,7 +2,7 @@
 
 use std::io::Read;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// Most bytes served per request: a guest asking for a huge buffer gets part of it
@@ -31,14 +31,7 @@ pub fn fill_chains(
             break;
         }
         served += 1;
-        let chain = match queue.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => {
-                log::debug!("virtio-rng: avail ring unreadable: {e}");
-                None
-            }
-        };
-        let Some(chain) = chain else { break };
+        let Some(chain) = crate::devices::virtio::next_chain(queue, mem) else { break };
         let head = chain.head_index();
         let mut written: u32 = 0;
         'descs: for desc in chain {

@@ -4,12 +4,12 @@
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::muxer::Muxer;
 use super::packet::{self, OP_RW};
-use crate::devices::virtio::{ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{next_chain, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
 
 const TYPE_VSOCK: u32 = 19;
 const QUEUE_SIZES: &[u16] = &[256, 256, 64];
@@ -47,11 +47,7 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let chain = match live.tx.iter(&live.mem) {
-                Ok(mut it) => it.next(),
-                Err(_) => None,
-            };
-            let Some(chain) = chain else { break };
+            let Some(chain) = next_chain(&mut live.tx, &live.mem) else { break };
             let head = chain.head_index();
             match packet::read_tx(&live.mem, chain) {
                 Ok(pkt) => self.muxer.from_guest(pkt),
@@ -80,11 +76,7 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let chain = match live.rx.iter(&live.mem) {
-                Ok(mut it) => it.next(),
-                Err(_) => None,
-            };
-            let Some(chain) = chain else { break };
+            let Some(chain) = next_chain(&mut live.rx, &live.mem) else { break };
             let head = chain.head_index();
             let Some((hdr, payload)) = self.muxer.pop_rx() else { break };
             let written = match packet::write_rx_partial(&live.mem, chain, hdr, &payload) {
