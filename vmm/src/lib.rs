@@ -97,7 +97,8 @@ impl Microvm {
         self.vm.memory()
     }
 
-    /// Runs the VM until it stops; every vCPU thread has ended when this returns.
+    /// Runs the VM until it stops. When this returns every vCPU thread has ended, or
+    /// (stuck outside the guest past the stop deadline) ends with the process.
     pub fn run(self) -> Result<Outcome, RunError> {
         // Stop requests arrive as signals on a signalfd; block them first so every
         // thread spawned below inherits the mask and none is killed by them.
