@@ -19,6 +19,8 @@ pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
 /// Most vCPUs one VM may have: the MP table's APIC ids are 8 bits and the guest kernel
 /// is built with `NR_CPUS=64`.
 pub const MAX_VCPUS: u8 = 64;
+/// Most virtio-blk disks per VM (each takes one of the IO-APIC's free IRQs).
+pub const MAX_DISKS: usize = 16;
 /// Longest kernel command line the boot protocol carries (x86 `COMMAND_LINE_SIZE`).
 pub const MAX_CMDLINE_LEN: usize = 2048;
 
@@ -57,6 +59,15 @@ fn default_cid() -> u64 {
     3
 }
 
+/// A virtio-blk disk backed by a file (or block device) on the host.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
 /// One microVM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +101,9 @@ pub struct VmConfig {
     /// A vsock device, if any.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// virtio-blk disks, in order: the guest sees them as vda, vdb, ...
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
 }
 
 fn default_true() -> bool {
@@ -144,6 +158,8 @@ pub enum ConfigError {
     VsockCid(u64),
     #[error("vsock uds_path is empty")]
     VsockPath,
+    #[error("{0} disks requested; at most {MAX_DISKS} are supported")]
+    TooManyDisks(usize),
 }
 
 impl Default for VmConfig {
@@ -158,6 +174,7 @@ impl Default for VmConfig {
             seccomp: true,
             huge_pages: true,
             vsock: None,
+            disks: Vec::new(),
         }
     }
 }
@@ -191,6 +208,12 @@ impl VmConfig {
         if self.cmdline.contains(['\0', '\n']) {
             return Err(ConfigError::CmdlineBadChar);
         }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        for d in &self.disks {
+            check_disk(&d.path)?;
+        }
         if let Some(v) = &self.vsock {
             if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
                 return Err(ConfigError::VsockCid(v.cid));
@@ -223,6 +246,20 @@ pub fn check_memory(mib: u64) -> Result<u32, ConfigError> {
         Ok(v) if (MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&v) => Ok(v),
         _ => Err(ConfigError::Memory(mib)),
     }
+}
+
+/// A disk is a regular file or a block device, and readable.
+fn check_disk(path: &Path) -> Result<(), ConfigError> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::File {
+        what: "disk",
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_file() && !meta.file_type().is_block_device() {
+        return Err(ConfigError::NotAFile { what: "disk", path: path.to_path_buf() });
+    }
+    Ok(())
 }
 
 fn check_file(what: &'static str, path: &Path) -> Result<(), ConfigError> {
@@ -345,6 +382,20 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineTooLong(2049))));
         let c = VmConfig { cmdline: "console=ttyS0\ninit=/x".into(), ..config_with(k.path()) };
         assert!(matches!(c.validate(), Err(ConfigError::CmdlineBadChar)));
+    }
+
+    #[test]
+    fn disk_checks() {
+        let k = kernel_file();
+        let disk = |p: &str| DiskConfig { path: p.into(), read_only: false };
+        let c = VmConfig { disks: vec![disk("/nonexistent.img")], ..config_with(k.path()) };
+        assert_eq!(c.validate().expect_err("missing disk").to_string(), "disk /nonexistent.img is not usable");
+        let c = VmConfig { disks: vec![disk("/tmp")], ..config_with(k.path()) };
+        assert!(matches!(c.validate(), Err(ConfigError::NotAFile { what: "disk", .. })));
+        let c = VmConfig { disks: vec![DiskConfig { path: k.path().into(), read_only: true }; 17], ..config_with(k.path()) };
+        assert!(matches!(c.validate(), Err(ConfigError::TooManyDisks(17))));
+        let c = VmConfig { disks: vec![DiskConfig { path: k.path().into(), read_only: true }], ..config_with(k.path()) };
+        c.validate().expect("a readable file is a valid disk");
     }
 
     #[test]

@@ -388,3 +388,51 @@ fn vsock_socket_that_exists_is_refused() {
     let _ = std::fs::remove_file(&path);
     assert_refused(&r, 1, "already exists; remove it if no VM uses it");
 }
+
+// --- virtio-blk: a read-write and a read-only disk, seen and used by the guest ---
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn disks_read_write_and_read_only() {
+    require_kvm_that_boots_linux();
+    let dir = std::env::temp_dir().join(format!("moat-disk-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let image = |name: &str, tag: &[u8; 16]| {
+        let mut data = vec![0u8; 1 << 20];
+        data[..16].copy_from_slice(tag);
+        let p = dir.join(name);
+        std::fs::write(&p, &data).expect("disk image");
+        p
+    };
+    let rw = image("rw.img", b"moat-disk-rw----");
+    let ro = image("ro.img", b"moat-disk-ro----");
+    let ro_before = std::fs::read(&ro).expect("read");
+    let mut args = boot_args(1, 128, "moat.selftest moat.poweroff");
+    args.extend(["--disk".into(), rw.display().to_string(), "--disk".into(), format!("{},ro", ro.display())]);
+    let r = run_vmm(&args);
+    assert!(r.status.success(), "{:?}\n{}\n{}", r.status, r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains(r#"disk vda serial moat-disk0 sectors 2048 ro 0 starts "moat-disk-rw----" write ok"#),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains(r#"disk vdb serial moat-disk1 sectors 2048 ro 1 starts "moat-disk-ro----" write refused"#),
+        "{}",
+        r.stdout
+    );
+    let after = std::fs::read(&rw).expect("read rw");
+    assert_eq!(&after[512..512 + 22], b"written by moat-agent\n", "the guest's write reached the file");
+    assert_eq!(std::fs::read(&ro).expect("read ro"), ro_before, "the read-only disk is unchanged");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_disk_is_named() {
+    let r = bad(&["--kernel", "/nonexistent", "--disk", "/nonexistent/disk.img"]);
+    // The kernel is checked first; with a real kernel the disk is named.
+    assert_refused(&r, 2, "is not usable");
+    let kernel = artifact("vmlinux").display().to_string();
+    let r = bad(&["--kernel", &kernel, "--disk", "/nonexistent/disk.img"]);
+    assert_refused(&r, 2, "disk /nonexistent/disk.img is not usable");
+}

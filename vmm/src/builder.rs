@@ -14,6 +14,7 @@ use crate::arch::x86_64::{layout, mptable};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{control, i8042, serial, ControlPort, SerialConsole, SerialSink, I8042};
 use crate::devices::virtio::mmio::{self, MmioTransport};
+use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::muxer::{Muxer, MuxerError};
 use crate::devices::virtio::vsock::Vsock;
@@ -52,6 +53,8 @@ pub enum BuildError {
     DeviceBackend(#[source] std::io::Error),
     #[error(transparent)]
     Vsock(#[from] MuxerError),
+    #[error(transparent)]
+    Disk(#[from] BlockError),
     #[error("cannot register a virtio queue notification")]
     Ioeventfd(#[source] kvm_ioctls::Error),
     #[error("no room for more virtio devices")]
@@ -86,6 +89,9 @@ impl TryFrom<VmConfig> for Microvm {
         let mut cmdline = Cmdline::try_from(&config.cmdline, MAX_CMDLINE_LEN)
             .map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
         let mut devices: Vec<Box<dyn VirtioDevice>> = vec![Box::new(Rng::new().map_err(BuildError::DeviceBackend)?)];
+        for (i, d) in config.disks.iter().enumerate() {
+            devices.push(Box::new(Block::new(&d.path, d.read_only, &format!("moat-disk{i}"))?));
+        }
         if let Some(v) = &config.vsock {
             devices.push(Box::new(Vsock::new(v.cid, Muxer::new(&v.uds_path, v.cid)?)));
         }

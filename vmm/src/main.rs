@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use moat_config::{check_memory, check_vcpus, SerialOutput, VmConfig, VsockConfig};
+use moat_config::{check_memory, check_vcpus, DiskConfig, SerialOutput, VmConfig, VsockConfig};
 use moat_vmm::{Microvm, Outcome, StopReason};
 
 const USAGE: &str = "usage: moat-vmm [--config FILE] [--kernel PATH] [--initrd PATH] [--vcpus N] \
-[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--vsock UDS_PATH [--vsock-cid N]] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
+[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--disk PATH[,ro]]... [--vsock UDS_PATH [--vsock-cid N]] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
 
 #[derive(Debug)]
 struct UsageError(String);
@@ -31,7 +31,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
                 std::process::exit(0);
             }
             "--config" | "--kernel" | "--initrd" | "--vcpus" | "--memory" | "--cmdline" | "--serial" | "--vsock"
-            | "--vsock-cid" => {
+            | "--vsock-cid" | "--disk" => {
                 let value = args.next().ok_or_else(|| UsageError(format!("{arg} needs a value")))?;
                 if arg == "--config" {
                     file = Some(value.into());
@@ -55,6 +55,13 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
             "--memory" => config.memory_mib = check_memory(number()?).map_err(|e| UsageError(e.to_string()))?,
             "--cmdline" => config.cmdline = value,
             "--no-seccomp" => config.seccomp = false,
+            "--disk" => {
+                let (path, read_only) = match value.strip_suffix(",ro") {
+                    Some(p) => (p, true),
+                    None => (value.as_str(), false),
+                };
+                config.disks.push(DiskConfig { path: path.into(), read_only });
+            }
             "--vsock" => {
                 let cid = config.vsock.as_ref().map_or(3, |v| v.cid);
                 config.vsock = Some(VsockConfig { cid, uds_path: value.into() });
@@ -172,6 +179,16 @@ mod tests {
             .expect("parse")
             .expect("config");
         assert_eq!((c.vcpus, c.memory_mib, c.serial), (2, 1024, SerialOutput::None));
+        let c = parse_args(args(&["--kernel", "/k", "--disk", "/a.img", "--disk", "/b.img,ro"]))
+            .expect("parse")
+            .expect("config");
+        assert_eq!(
+            c.disks,
+            vec![
+                DiskConfig { path: "/a.img".into(), read_only: false },
+                DiskConfig { path: "/b.img".into(), read_only: true }
+            ]
+        );
     }
 
     #[test]

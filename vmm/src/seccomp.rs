@@ -55,7 +55,7 @@ const COMMON: &[i64] = &[
 ];
 
 /// The main thread additionally polls, reads eventfds and the signalfd, kicks vCPU
-/// threads with a signal, sleeps between kicks, serves the vsock muxer's Unix
+/// threads with a signal, sleeps between kicks, serves disk requests and the vsock muxer's Unix
 /// sockets (accept host connections, connect guest-initiated ones to `<uds>_<port>`,
 /// remove the socket on exit).
 const MAIN_EXTRA: &[i64] = &[
@@ -76,6 +76,11 @@ const MAIN_EXTRA: &[i64] = &[
     libc::SYS_fcntl,
     libc::SYS_unlink,
     libc::SYS_unlinkat,
+    // virtio-blk requests: positioned reads and writes, flush.
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
 ];
 
 /// `FIONBIO`: how the standard library makes a socket non-blocking.

@@ -5,6 +5,7 @@
 //! ([`mmio::MmioTransport`]) owns the register file and the feature/status handshake,
 //! and validates everything the driver writes before a device sees it.
 
+pub mod block;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
