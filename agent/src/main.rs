@@ -2,10 +2,11 @@
 //!
 //! It sets up the guest's basic filesystems, tells the VMM it is ready (a write to the
 //! VMM's control port, so the VMM can time the boot without watching the console), and
-//! then serves the host. Until the vsock API exists it only understands requests on
-//! the kernel command line: `moat.poweroff` powers the guest off as soon as it is
-//! ready, and `moat.selftest` exercises the virtio devices first and reports.
+//! then serves the host: the ttrpc API on vsock port 1024 (`api.rs`; `Version` so
+//! far). On the kernel command line, `moat.poweroff` powers the guest off as soon as
+//! it is ready, and `moat.selftest` exercises the virtio devices first and reports.
 
+mod api;
 mod init;
 mod selftest;
 mod sys;
@@ -22,6 +23,14 @@ fn main() {
         Err(e) => {
             println!("moat-agent: guest setup failed: {e}");
             init::power_off(1);
+        }
+    };
+    // The API must be up before the ready line: the host connects once it sees it.
+    let _api = match api::serve() {
+        Ok(server) => Some(server),
+        Err(e) => {
+            println!("moat-agent: cannot serve the vsock API: {e}");
+            None
         }
     };
     if cmdline.self_test {

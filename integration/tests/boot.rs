@@ -436,3 +436,62 @@ fn missing_disk_is_named() {
     let r = bad(&["--kernel", &kernel, "--disk", "/nonexistent/disk.img"]);
     assert_refused(&r, 2, "disk /nonexistent/disk.img is not usable");
 }
+
+// --- the agent's ttrpc API over hybrid vsock ---
+
+/// Connects to guest port `port` through the VMM's socket and returns the raw stream
+/// once the handshake is done, reading the OK line byte by byte so nothing of the
+/// stream that follows is consumed.
+fn vsock_stream(uds: &Path, port: u32) -> std::os::unix::net::UnixStream {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(uds).expect("connect to the vsock socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while b[0] != b'\n' {
+        assert_eq!(s.read(&mut b).expect("handshake"), 1, "closed during handshake: {line:?}");
+        line.push(b[0]);
+    }
+    assert!(line.starts_with(b"OK "), "handshake reply {:?}", String::from_utf8_lossy(&line));
+    s.set_read_timeout(None).expect("no timeout");
+    s
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn agent_api_version_over_vsock() {
+    use moat_protocol::{AgentClient, VersionRequest, AGENT_API_PORT, PROTOCOL_VERSION};
+    use std::io::BufRead;
+    use std::os::fd::IntoRawFd;
+    require_kvm_that_boots_linux();
+    let dir = std::env::temp_dir().join(format!("moat-api-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let uds = dir.join("vsock.sock");
+    let mut args = boot_args(1, 128, "");
+    args.extend(["--vsock".to_string(), uds.display().to_string()]);
+    let mut child = spawn(&args);
+    let pid = child.id() as libc::pid_t;
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = std::io::BufReader::new(out).lines();
+    loop {
+        let l = lines.next().expect("console closed before ready").expect("console");
+        assert!(!l.contains("cannot serve the vsock API"), "{l}");
+        if l.starts_with("moat-agent: ready") {
+            break;
+        }
+    }
+    let stream = vsock_stream(&uds, AGENT_API_PORT);
+    let client = ttrpc::Client::new(stream.into_raw_fd()).expect("ttrpc client");
+    let agent = AgentClient::new(client);
+    let req = VersionRequest { host_protocol: PROTOCOL_VERSION, ..Default::default() };
+    let v = agent.version(ttrpc::context::with_timeout(60_000_000_000), &req).expect("Version");
+    assert_eq!(v.protocol, PROTOCOL_VERSION);
+    assert!(v.kernel_release.starts_with("6.1."), "guest kernel: {:?}", v.kernel_release);
+    assert!(!v.agent_version.is_empty());
+    println!("agent {} on guest kernel {} (protocol {})", v.agent_version, v.kernel_release, v.protocol);
+    send_signal(pid, libc::SIGTERM);
+    let status = wait_with_timeout(&mut child, Duration::from_secs(30)).expect("VMM stops on SIGTERM");
+    assert_eq!(status.code(), Some(143));
+    let _ = std::fs::remove_dir_all(&dir);
+}
