@@ -60,6 +60,7 @@ test: test-unit test-kvm
 
 # Unit tests and the VMM's KVM plumbing tests (tiny guests; they run on any /dev/kvm).
 test-unit: guest
+	@test -e /dev/kvm || echo "*** WARNING: /dev/kvm is missing: the KVM plumbing tests (vmm/tests/kvm_plumbing.rs) run no guest here ***"
 	$(CARGO) test --locked --workspace
 
 # Real boot tests: the integration test binary runs where KVM can boot Linux.
