@@ -3,6 +3,7 @@
 #   make run        build everything and boot a microVM with the embedded defaults
 #   make test       unit tests, KVM plumbing tests, and real-KVM boot tests
 #   make bench-boot boot-time / VM-exit / memory comparison with QEMU microvm
+#   make bench-vsock vsock echo throughput, moat's hybrid vsock vs QEMU vhost-vsock
 #
 # Where /dev/kvm cannot boot Linux (PVM), everything that needs a booting guest runs
 # inside integration/testhost, an emulated host with real KVM (see README.md).
@@ -17,7 +18,7 @@ BIN        := $(BUILD)/bin
 SHAREDIR   := $(PREFIX)/share/moat
 TESTHOST   := integration/testhost
 
-.PHONY: all deps build guest install run test test-unit test-kvm bench-boot clean
+.PHONY: all deps build guest install run test test-unit test-kvm bench-boot bench-vsock clean
 
 all: build guest
 
@@ -73,6 +74,9 @@ test-kvm: build guest
 
 bench-boot: build guest
 	$(TESTHOST) run -- python3 integration/bench_boot.py
+
+bench-vsock: build guest
+	$(TESTHOST) run -- python3 integration/bench_vsock.py
 
 clean:
 	rm -rf $(BUILD) target
