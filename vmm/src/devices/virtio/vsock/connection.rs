@@ -136,7 +136,22 @@ impl Connection {
         if self.tx_buf.len() + payload.len() > CONN_BUF_ALLOC as usize {
             return Err(RecvError::NoCredit);
         }
-        self.tx_buf.extend(payload);
+        // Nothing queued: write straight from the packet and keep only what the
+        // socket did not take, saving a copy through the buffer on the common path.
+        let mut rest = payload;
+        while self.tx_buf.is_empty() && !rest.is_empty() {
+            match self.stream.write(rest) {
+                Ok(0) => return Err(RecvError::Host(io::Error::from(io::ErrorKind::WriteZero))),
+                Ok(n) => {
+                    rest = &rest[n..];
+                    self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(RecvError::Host(e)),
+            }
+        }
+        self.tx_buf.extend(rest);
         self.flush_to_host().map_err(RecvError::Host)
     }
 

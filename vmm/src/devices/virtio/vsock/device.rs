@@ -78,23 +78,21 @@ impl Vsock {
             budget -= 1;
             let Some(chain) = next_chain(&mut live.rx, &live.mem) else { break };
             let head = chain.head_index();
-            let Some((hdr, payload)) = self.muxer.pop_rx() else { break };
-            let written = match packet::write_rx_partial(&live.mem, chain, hdr, &payload) {
-                Ok((len, n)) => {
+            let Some((hdr, rest)) = self.muxer.front_rx() else { break };
+            let result = packet::write_rx_partial(&live.mem, chain, hdr, rest).map(|(len, n)| (len, n, n == rest.len()));
+            let written = match result {
+                Ok((len, n, whole)) => {
                     if hdr.op == OP_RW {
                         let (local, peer) = (hdr.src_port, hdr.dst_port);
-                        self.muxer.delivered(local, peer, n as u32, n == payload.len());
-                        if n < payload.len() {
-                            self.muxer.push_front_rx((hdr, payload[n..].to_vec()));
-                        }
+                        self.muxer.delivered(local, peer, n as u32, whole);
                     }
+                    self.muxer.consume_rx(n);
                     len
                 }
                 Err(e) => {
                     // A buffer too small for a header: hand it back empty and keep the
                     // packet for the next one.
                     log::debug!("vsock: unusable RX buffer: {e}");
-                    self.muxer.push_front_rx((hdr, payload));
                     0
                 }
             };

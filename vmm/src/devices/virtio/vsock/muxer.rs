@@ -44,6 +44,9 @@ pub struct Muxer {
     handshakes: Vec<(UnixStream, Vec<u8>)>,
     /// Control packets and data waiting for RX buffers, in order.
     rx: VecDeque<RxPacket>,
+    /// Payload bytes of the front packet already delivered (a payload larger than
+    /// one RX buffer goes out in pieces without being copied again).
+    rx_front_offset: usize,
     next_local_port: u32,
 }
 
@@ -61,6 +64,7 @@ impl Muxer {
             conns: HashMap::new(),
             handshakes: Vec::new(),
             rx: VecDeque::new(),
+            rx_front_offset: 0,
             next_local_port: FIRST_LOCAL_PORT,
         })
     }
@@ -287,14 +291,28 @@ impl Muxer {
         }
     }
 
-    /// The next packet for the guest, if any.
+    /// The next packet for the guest (whole, even if part of it went out already).
+    #[cfg(test)]
     pub fn pop_rx(&mut self) -> Option<RxPacket> {
+        self.rx_front_offset = 0;
         self.rx.pop_front()
     }
 
-    /// Puts back the part of a packet that did not fit the guest's buffer.
-    pub fn push_front_rx(&mut self, pkt: RxPacket) {
-        self.rx.push_front(pkt);
+    /// The next packet for the guest: its header and the part of its payload not yet
+    /// delivered.
+    pub fn front_rx(&self) -> Option<(VsockHeader, &[u8])> {
+        self.rx.front().map(|(h, p)| (*h, &p[self.rx_front_offset.min(p.len())..]))
+    }
+
+    /// Marks `n` more payload bytes of the front packet delivered; the packet leaves
+    /// the queue once all of it has (a packet without payload, at once).
+    pub fn consume_rx(&mut self, n: usize) {
+        let Some((_, p)) = self.rx.front() else { return };
+        self.rx_front_offset += n;
+        if self.rx_front_offset >= p.len() {
+            self.rx.pop_front();
+            self.rx_front_offset = 0;
+        }
     }
 
     /// Records that `n` payload bytes of a packet for connection (`local`, `peer`)
@@ -313,6 +331,7 @@ impl Muxer {
         self.conns.clear();
         self.handshakes.clear();
         self.rx.clear();
+        self.rx_front_offset = 0;
     }
 
     pub fn has_rx(&self) -> bool {
@@ -457,6 +476,23 @@ mod tests {
         m.from_guest(TxPacket { hdr: guest_hdr(OP_RST, 1, 2), payload: vec![] });
         assert!(m.pop_rx().is_none());
         assert_eq!(m.connections(), 0);
+    }
+
+    #[test]
+    fn large_payloads_go_out_in_pieces_without_recopying() {
+        let path = tmp("pieces");
+        let mut m = Muxer::new(&path, CID).expect("muxer");
+        let h = VsockHeader { op: OP_RW, ..Default::default() };
+        m.rx.push_back((h, b"0123456789".to_vec()));
+        m.rx.push_back((VsockHeader { op: OP_RST, ..Default::default() }, Vec::new()));
+        assert_eq!(m.front_rx().expect("front").1, b"0123456789");
+        m.consume_rx(4);
+        assert_eq!(m.front_rx().expect("front").1, b"456789");
+        m.consume_rx(6);
+        let (next, rest) = m.front_rx().expect("next packet");
+        assert_eq!(({ next.op }, rest.len()), (OP_RST, 0));
+        m.consume_rx(0);
+        assert!(m.front_rx().is_none());
     }
 
     #[test]
