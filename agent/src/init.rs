@@ -131,9 +131,17 @@ pub fn reap_children() -> bool {
     )
 }
 
-/// Syncs, tells the VMM the guest is done with `status`, and powers off.
+/// Syncs, waits for the console to finish sending, tells the VMM the guest is done
+/// with `status`, and powers off.
 pub fn power_off(status: u8) -> ! {
     sync();
+    // The VMM stops the VM at the power-off write, so everything printed must have
+    // left the UART by then: the kernel sends console output asynchronously (on
+    // another vCPU, from interrupts), and without this the last line was sometimes
+    // cut short.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
     sys::report_power_off(status);
     // Without ACPI the kernel only halts here; the VMM has already stopped the VM on
     // the control-port write above. Under another VMM this still stops the guest.

@@ -98,29 +98,16 @@ fn boot_args(vcpus: u8, memory_mib: u32, extra_cmdline: &str) -> Vec<String> {
 
 fn assert_boots(vcpus: u8, memory_mib: u32) {
     require_kvm_that_boots_linux();
-    // Under the emulated test host a secondary vCPU occasionally fails to come up
-    // (emulated SVM; seen with QEMU as the inner VMM too). One retry, loudly; a
-    // second miss fails with the whole console.
-    for attempt in 1..=2 {
-        let r = run_vmm(&boot_args(vcpus, memory_mib, "moat.selftest moat.poweroff"));
-        assert!(r.status.success(), "moat-vmm failed: {:?}\nstdout:\n{}\nstderr:\n{}", r.status, r.stdout, r.stderr);
-        let ready = r
-            .stdout
-            .lines()
-            .find(|l| l.starts_with("moat-agent: ready after"))
-            .unwrap_or_else(|| panic!("no ready line on the console:\n{}\nstderr:\n{}", r.stdout, r.stderr))
-            .to_string();
-        if !ready.contains(&format!(", {vcpus} CPUs,")) {
-            let msg = format!("guest saw the wrong CPU count ({vcpus} wanted): {ready}\nconsole:\n{}", r.stdout);
-            if attempt == 1 && std::env::var_os("MOAT_TESTHOST").is_some() {
-                eprintln!("*** {msg}\n*** retrying once (emulated host) ***");
-                continue;
-            }
-            panic!("{msg}");
-        }
-        check_boot(&r, &ready, vcpus, memory_mib);
-        return;
-    }
+    let r = run_vmm(&boot_args(vcpus, memory_mib, "moat.selftest moat.poweroff"));
+    assert!(r.status.success(), "moat-vmm failed: {:?}\nstdout:\n{}\nstderr:\n{}", r.status, r.stdout, r.stderr);
+    let ready = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("moat-agent: ready after"))
+        .unwrap_or_else(|| panic!("no ready line on the console:\n{}\nstderr:\n{}", r.stdout, r.stderr))
+        .to_string();
+    assert!(ready.contains(&format!(", {vcpus} CPUs,")), "guest saw the wrong CPU count: {ready}\n{}", r.stdout);
+    check_boot(&r, &ready, vcpus, memory_mib);
 }
 
 fn check_boot(r: &Run, ready: &str, vcpus: u8, memory_mib: u32) {
