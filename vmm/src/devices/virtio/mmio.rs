@@ -338,9 +338,7 @@ mod tests {
             *self.acked.lock().expect("lock") = acked;
         }
         fn read_config(&self, offset: u64, data: &mut [u8]) {
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = self.config.get(offset as usize + i).copied().unwrap_or(0);
-            }
+            super::super::read_config_bytes(&self.config, offset, data);
         }
         fn write_config(&mut self, _: u64, _: &[u8]) {}
         fn activate(&mut self, a: Activation) -> Result<(), super::super::ActivateError> {

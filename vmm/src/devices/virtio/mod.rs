@@ -86,6 +86,23 @@ pub struct Activation {
     pub irq: Arc<IrqLine>,
 }
 
+impl Activation {
+    /// For a device with exactly one queue: the memory, that queue and the interrupt.
+    pub fn single_queue(self) -> Result<(GuestMemoryMmap, Queue, Arc<IrqLine>), ActivateError> {
+        let got = self.queues.len();
+        let queue = self.queues.into_iter().next().ok_or(ActivateError::QueueCount { got, want: 1 })?;
+        Ok((self.mem, queue, self.irq))
+    }
+}
+
+/// Serves a read of a device's config space from `config`; bytes past its end (or an
+/// offset no slice could hold) read as zero.
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset).ok().and_then(|o| config.get(o.checked_add(i)?)).copied().unwrap_or(0);
+    }
+}
+
 pub trait VirtioDevice: Send {
     /// virtio device type (4 = entropy, 19 = vsock, ...).
     fn device_type(&self) -> u32;
@@ -115,5 +132,20 @@ pub trait VirtioDevice: Send {
     /// `process_queue`).
     fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _readable: bool, _writable: bool) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_past_the_end_are_zero() {
+        let cfg = [1u8, 2, 3, 4];
+        let mut b = [0xffu8; 4];
+        read_config_bytes(&cfg, 2, &mut b);
+        assert_eq!(b, [3, 4, 0, 0]);
+        read_config_bytes(&cfg, u64::MAX, &mut b);
+        assert_eq!(b, [0; 4]);
     }
 }

@@ -9,7 +9,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::handler::{process_requests, Disk, ID_BYTES, SECTOR_SIZE};
-use crate::devices::virtio::{ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+};
 
 const TYPE_BLOCK: u32 = 2;
 const QUEUE_SIZES: &[u16] = &[256];
@@ -73,15 +75,12 @@ impl VirtioDevice for Block {
     fn set_acked_features(&mut self, _acked: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| self.config.get(o + i)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let queue = a.queues.into_iter().next().ok_or(ActivateError::QueueCount { got: 0, want: 1 })?;
-        self.live = Some((a.mem, queue, a.irq));
+        self.live = Some(a.single_queue()?);
         Ok(())
     }
 

@@ -41,8 +41,7 @@ impl VirtioDevice for Rng {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
-        let queue = a.queues.into_iter().next().ok_or(ActivateError::QueueCount { got: 0, want: 1 })?;
-        self.active = Some((a.mem, queue, a.irq));
+        self.active = Some(a.single_queue()?);
         Ok(())
     }
 

@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::muxer::Muxer;
 use super::packet::{self, OP_RW};
-use crate::devices::virtio::{next_chain, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{next_chain, read_config_bytes, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
 
 const TYPE_VSOCK: u32 = 19;
 const QUEUE_SIZES: &[u16] = &[256, 256, 64];
@@ -121,10 +121,7 @@ impl VirtioDevice for Vsock {
     fn set_acked_features(&mut self, _acked: u64) {}
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.cid.to_le_bytes();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset).ok().and_then(|o| cfg.get(o + i)).copied().unwrap_or(0);
-        }
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
     }
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
