@@ -97,32 +97,6 @@ pub fn read_tx(mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<TxPacket, Pack
     Ok(TxPacket { hdr, payload })
 }
 
-/// How many payload bytes an RX chain can take after the header.
-pub fn rx_capacity(mem: &GuestMemoryMmap, chain: Chain<'_>) -> Result<usize, PacketError> {
-    let writer = chain.writer(mem).map_err(|e| PacketError::Chain(e.to_string()))?;
-    let have = writer.available_bytes();
-    have.checked_sub(HEADER_LEN).ok_or(PacketError::NoRoom { have, need: HEADER_LEN })
-}
-
-/// Writes `hdr` (with `len` set to the payload's length) and `payload` into an RX
-/// chain; returns the bytes written, for the used ring.
-pub fn write_rx(
-    mem: &GuestMemoryMmap,
-    chain: Chain<'_>,
-    mut hdr: VsockHeader,
-    payload: &[u8],
-) -> Result<u32, PacketError> {
-    let mut writer = chain.writer(mem).map_err(|e| PacketError::Chain(e.to_string()))?;
-    let need = HEADER_LEN + payload.len();
-    if writer.available_bytes() < need || payload.len() > MAX_PAYLOAD as usize {
-        return Err(PacketError::NoRoom { have: writer.available_bytes(), need });
-    }
-    hdr.len = payload.len() as u32;
-    writer.write_obj(hdr).map_err(|e| PacketError::Chain(e.to_string()))?;
-    writer.write_all(payload).map_err(|e| PacketError::Chain(e.to_string()))?;
-    Ok(need as u32)
-}
-
 /// Writes `hdr` and as much of `payload` as the chain holds after the header.
 /// Returns (bytes written for the used ring, payload bytes written).
 pub fn write_rx_partial(
@@ -239,10 +213,8 @@ mod tests {
     fn rx_write_across_split_buffers() {
         let m = mem();
         let descs = [desc(0x10_0000, 30, F_WRITE | F_NEXT, 1), desc(0x10_1000, 100, F_WRITE, 0)];
-        let cap = with_chain(&m, &descs, |c| rx_capacity(&m, c)).expect("capacity");
-        assert_eq!(cap, 130 - 44);
-        let n = with_chain(&m, &descs, |c| write_rx(&m, c, rw_header(0), b"payload")).expect("write");
-        assert_eq!(n, 44 + 7);
+        let (used, n) = with_chain(&m, &descs, |c| write_rx_partial(&m, c, rw_header(0), b"payload")).expect("write");
+        assert_eq!((used, n), (44 + 7, 7));
         let mut first = [0u8; 30];
         m.read_slice(&mut first, GuestAddress(0x10_0000)).expect("r");
         let mut rest = [0u8; 21];
@@ -269,10 +241,13 @@ mod tests {
     #[test]
     fn rx_without_room_is_refused() {
         let m = mem();
+        // Not even room for a header: refused, nothing written.
         let descs = [desc(0x10_0000, 40, F_WRITE, 0)];
-        assert!(with_chain(&m, &descs, |c| rx_capacity(&m, c)).is_err());
+        let r = with_chain(&m, &descs, |c| write_rx_partial(&m, c, rw_header(0), b"x"));
+        assert_eq!(r, Err(PacketError::NoRoom { have: 40, need: 44 }));
+        // Room for part of the payload: that part goes, the caller keeps the rest.
         let descs = [desc(0x10_0000, 50, F_WRITE, 0)];
-        let r = with_chain(&m, &descs, |c| write_rx(&m, c, rw_header(0), b"too long for it"));
-        assert_eq!(r, Err(PacketError::NoRoom { have: 50, need: 59 }));
+        let r = with_chain(&m, &descs, |c| write_rx_partial(&m, c, rw_header(0), b"too long for it"));
+        assert_eq!(r, Ok((50, 6)));
     }
 }
