@@ -281,15 +281,23 @@ fn accept_with_timeout(l: &std::os::unix::net::UnixListener, timeout: Duration) 
     }
 }
 
-/// Connects to the VMM's vsock socket and asks for guest port `port`.
+/// Connects to the VMM's vsock socket and asks for guest port `port`; returns the
+/// stream and the handshake reply line (None if the VMM closed without one). The
+/// line is read byte by byte so nothing of the stream after it is consumed.
 fn vsock_connect(uds: &Path, port: u32) -> (std::os::unix::net::UnixStream, Option<String>) {
-    use std::io::{BufRead, Write};
+    use std::io::{Read, Write};
     let mut s = std::os::unix::net::UnixStream::connect(uds).expect("connect to the vsock socket");
     s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
     s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
-    let mut reader = std::io::BufReader::new(s.try_clone().expect("clone"));
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("handshake reply");
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        if s.read(&mut b).expect("handshake reply") == 0 {
+            break;
+        }
+        line.push(b[0]);
+    }
+    let line = String::from_utf8_lossy(&line).into_owned();
     (s, (!line.is_empty()).then_some(line))
 }
 
@@ -426,21 +434,11 @@ fn missing_disk_is_named() {
 
 // --- the agent's ttrpc API over hybrid vsock ---
 
-/// Connects to guest port `port` through the VMM's socket and returns the raw stream
-/// once the handshake is done, reading the OK line byte by byte so nothing of the
-/// stream that follows is consumed.
+/// A stream to guest port `port`, handshake done.
 fn vsock_stream(uds: &Path, port: u32) -> std::os::unix::net::UnixStream {
-    use std::io::{Read, Write};
-    let mut s = std::os::unix::net::UnixStream::connect(uds).expect("connect to the vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while b[0] != b'\n' {
-        assert_eq!(s.read(&mut b).expect("handshake"), 1, "closed during handshake: {line:?}");
-        line.push(b[0]);
-    }
-    assert!(line.starts_with(b"OK "), "handshake reply {:?}", String::from_utf8_lossy(&line));
+    let (s, reply) = vsock_connect(uds, port);
+    let reply = reply.unwrap_or_default();
+    assert!(reply.starts_with("OK ") && reply.ends_with('\n'), "handshake reply {reply:?}");
     s.set_read_timeout(None).expect("no timeout");
     s
 }
