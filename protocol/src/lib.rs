@@ -3,10 +3,110 @@
 //! hybrid vsock socket.
 #![forbid(unsafe_code)]
 
+use std::fmt;
+
 /// The protocol number both sides must agree on; bump it on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The guest vsock port the agent serves the API on.
 pub const AGENT_API_PORT: u32 = 1024;
+/// The guest vsock port stdio streams connect to. The host opens one connection per
+/// stream and first sends one header line, `<container_id> <exec_id|-> <stream>\n`
+/// ([`StdioHeader`]); after it the connection carries only the stream's bytes. The
+/// agent closes a connection whose header is malformed or names no such stream.
+pub const STDIO_PORT: u32 = 1025;
+/// The guest vsock port the agent's own log is served on: the host connects and reads
+/// lines; lines logged before anyone connected are kept up to a bounded amount.
+pub const AGENT_LOG_PORT: u32 = 1026;
+/// The longest stdio header line the agent reads, newline included.
+pub const MAX_STDIO_HEADER: usize = 512;
+/// The longest container or exec id.
+pub const MAX_ID_LEN: usize = 128;
+
+/// One of a process's stdio streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    Stdin,
+    Stdout,
+    Stderr,
+}
+
+impl StreamKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Stdin => "stdin",
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+        }
+    }
+}
+
+/// The first line of a stdio connection: which process and which stream it carries.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StdioHeader {
+    pub container_id: String,
+    /// "" for the container's init process (written `-` on the wire).
+    pub exec_id: String,
+    pub stream: StreamKind,
+}
+
+/// Why an id or a stdio header was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub struct InvalidHeader(pub String);
+
+impl fmt::Display for InvalidHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidHeader {}
+
+/// Checks a container or exec id: 1..=128 of `[A-Za-z0-9_.-]`, starting alphanumeric.
+/// Ids become paths (cgroups, state dirs), so nothing else is allowed.
+pub fn validate_id(what: &str, id: &str) -> Result<(), InvalidHeader> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidHeader(format!(
+            "invalid {what} {id:?}: want 1 to {MAX_ID_LEN} of [A-Za-z0-9_.-], starting with a letter or digit"
+        )))
+    }
+}
+
+impl StdioHeader {
+    /// The header line, newline included.
+    pub fn to_line(&self) -> String {
+        let exec = if self.exec_id.is_empty() { "-" } else { &self.exec_id };
+        format!("{} {} {}\n", self.container_id, exec, self.stream.as_str())
+    }
+
+    /// Parses a header line (with or without its newline).
+    pub fn parse(line: &str) -> Result<StdioHeader, InvalidHeader> {
+        let line = line.strip_suffix('\n').unwrap_or(line);
+        let fields: Vec<&str> = line.split(' ').collect();
+        let [container_id, exec_id, stream] = fields[..] else {
+            return Err(InvalidHeader(format!("stdio header {line:?}: want `<container> <exec|-> <stream>`")));
+        };
+        validate_id("container id", container_id)?;
+        let exec_id = if exec_id == "-" {
+            ""
+        } else {
+            validate_id("exec id", exec_id)?;
+            exec_id
+        };
+        let stream = match stream {
+            "stdin" => StreamKind::Stdin,
+            "stdout" => StreamKind::Stdout,
+            "stderr" => StreamKind::Stderr,
+            other => return Err(InvalidHeader(format!("stdio header names unknown stream {other:?}"))),
+        };
+        Ok(StdioHeader { container_id: container_id.to_string(), exec_id: exec_id.to_string(), stream })
+    }
+}
 
 #[allow(warnings, clippy::all, clippy::unwrap_used, clippy::undocumented_unsafe_blocks)]
 // Generated code: its style is protobuf-codegen's, not ours.
@@ -19,7 +119,7 @@ pub mod agent_ttrpc {
     include!(concat!(env!("OUT_DIR"), "/agent_ttrpc.rs"));
 }
 
-pub use agent::{VersionRequest, VersionResponse};
+pub use agent::*;
 pub use agent_ttrpc::{create_agent, Agent, AgentClient};
 
 #[cfg(test)]
@@ -38,6 +138,27 @@ mod tests {
         let bytes = v.write_to_bytes().expect("encode");
         let back = VersionResponse::parse_from_bytes(&bytes).expect("decode");
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn stdio_headers_round_trip() {
+        for (exec, stream) in [("", StreamKind::Stdin), ("e1", StreamKind::Stdout), ("x.y-z_2", StreamKind::Stderr)] {
+            let h = StdioHeader { container_id: "c0".into(), exec_id: exec.into(), stream };
+            assert_eq!(StdioHeader::parse(&h.to_line()), Ok(h));
+        }
+        assert_eq!(StdioHeader::parse("c0 - stdout").map(|h| h.exec_id), Ok(String::new()));
+    }
+
+    #[test]
+    fn bad_stdio_headers_and_ids_are_refused() {
+        for bad in ["", "c0", "c0 - stdout extra", "c0 - tty", "../x - stdin", "c0 ../e stdin", "-c - stdin", "c0  stdin"] {
+            assert!(StdioHeader::parse(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(validate_id("id", &"a".repeat(MAX_ID_LEN)).is_ok());
+        assert!(validate_id("id", &"a".repeat(MAX_ID_LEN + 1)).is_err());
+        assert!(validate_id("id", "a/b").is_err());
+        let e = validate_id("container id", "a b").expect_err("space");
+        assert!(e.0.contains("container id"), "{e}");
     }
 
     #[test]
