@@ -17,8 +17,9 @@ GUEST      := $(BUILD)/guest
 BIN        := $(BUILD)/bin
 SHAREDIR   := $(PREFIX)/share/moat
 TESTHOST   := integration/testhost
+IMAGES     := $(BUILD)/images
 
-.PHONY: all deps build guest install run test test-unit test-kvm bench-boot bench-vsock clean
+.PHONY: all deps build guest images install run test test-unit test-kvm bench-boot bench-vsock clean
 
 all: build guest
 
@@ -28,7 +29,7 @@ deps: $(BUILD)/.deps
 $(BUILD)/.deps: Makefile $(TESTHOST)
 	@if ! apt-cache policy linux-source-6.1 2>/dev/null | grep -q Candidate; then apt-get update -qq; fi
 	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
-	  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3 >/dev/null
+	  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3 busybox-static >/dev/null
 	$(TESTHOST) deps
 	@mkdir -p $(BUILD) && touch $@
 
@@ -44,6 +45,15 @@ build: deps
 guest: build
 	rootfs/build-kernel.sh $(GUEST)
 	python3 rootfs/mkinitramfs.py $(BIN)/moat-agent $(GUEST)/initramfs.cpio.gz
+
+# Test images from Debian's busybox-static in the three forms `moat run` takes, built
+# locally (no registry): an OCI layout, a docker-save tarball and a plain rootfs.
+images: $(IMAGES)/.stamp
+$(IMAGES)/.stamp: integration/mkimage.py $(BUILD)/.deps
+	python3 integration/mkimage.py oci $(IMAGES)/busybox-oci
+	python3 integration/mkimage.py docker-save $(IMAGES)/busybox.tar
+	python3 integration/mkimage.py rootfs $(IMAGES)/busybox-rootfs
+	@touch $@
 
 install: build guest
 	install -D -m 0755 $(BIN)/moat-vmm $(DESTDIR)$(PREFIX)/bin/moat-vmm
