@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod host;
+pub use host::*;
+
 /// Smallest guest RAM moat accepts. The project's kernel and initramfs boot in far
 /// less, but below this a guest has no room left for a workload.
 pub const MIN_MEMORY_MIB: u32 = 32;
