@@ -13,11 +13,12 @@ pub fn kvm_boots_linux() -> bool {
 /// Finds one of moat's files: under `MOAT_PREFIX` if that is set; else the freshest
 /// build of this checkout (cargo's `target/debug`, then `build/`); else where
 /// `make install` puts it by default (/usr/local).
-/// `name` is `moat-vmm` or a guest artifact (`vmlinux`, `bzImage`, `initramfs.cpio.gz`).
+/// `name` is a binary (`moat-vmm`, `moat`) or a guest artifact (`vmlinux`, `bzImage`,
+/// `initramfs.cpio.gz`).
 pub fn artifact(name: &str) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let prefix = std::env::var_os("MOAT_PREFIX").map(PathBuf::from);
-    let (subdir, local) = if name == "moat-vmm" {
+    let (subdir, local) = if name == "moat-vmm" || name == "moat" {
         ("bin", vec![repo.join("target/debug"), repo.join("build/bin")])
     } else {
         ("share/moat", vec![repo.join("build/guest")])
@@ -32,4 +33,12 @@ pub fn artifact(name: &str) -> PathBuf {
         .find(|p| p.exists())
         .cloned()
         .unwrap_or_else(|| panic!("{name} not found (looked in {candidates:?}); run `make install` or `make guest`"))
+}
+
+/// One of the test images `make images` builds from busybox-static (integration/mkimage.py):
+/// `busybox-oci` (OCI layout), `busybox.tar` (docker-save) or `busybox-rootfs`.
+pub fn test_image(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../build/images").join(name);
+    assert!(p.exists(), "test image {} is missing; run `make images`", p.display());
+    p
 }
