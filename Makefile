@@ -4,6 +4,7 @@
 #   make test       unit tests, KVM plumbing tests, and real-KVM boot tests
 #   make bench-boot boot-time / VM-exit / memory comparison with QEMU microvm
 #   make bench-vsock vsock echo throughput, moat's hybrid vsock vs QEMU vhost-vsock
+#   make bench-run  `moat run` versus runc: start, stdout MB/s, small files on the share
 #
 # Where /dev/kvm cannot boot Linux (PVM), everything that needs a booting guest runs
 # inside integration/testhost, an emulated host with real KVM (see README.md).
@@ -19,7 +20,7 @@ SHAREDIR   := $(PREFIX)/share/moat
 TESTHOST   := integration/testhost
 IMAGES     := $(BUILD)/images
 
-.PHONY: all deps build guest images install run test test-unit test-kvm bench-boot bench-vsock clean
+.PHONY: all deps build guest images install run test test-unit test-kvm bench-boot bench-vsock bench-run clean
 
 all: build guest
 
@@ -61,11 +62,11 @@ install: build guest
 	install -D -m 0644 $(GUEST)/bzImage $(DESTDIR)$(SHAREDIR)/bzImage
 	install -D -m 0644 $(GUEST)/initramfs.cpio.gz $(DESTDIR)$(SHAREDIR)/initramfs.cpio.gz
 
-# moat's main job on its embedded defaults: boot the default guest (1 vCPU, 128 MiB)
-# to its agent and power it off.
-run: build guest
-	$(TESTHOST) run -- sh -c 'moat-vmm --kernel $(SHAREDIR)/vmlinux --initrd $(SHAREDIR)/initramfs.cpio.gz \
-	  --cmdline "$$(moat-vmm --print-default-cmdline) moat.poweroff"'
+# moat's main job on its embedded defaults: run a container (the busybox test image)
+# in a microVM and show it ran on the guest's own kernel.
+run: build guest images
+	$(TESTHOST) run -- sh -c 'echo "host kernel: $$(uname -r)"; \
+	  moat run $(IMAGES)/busybox-oci -- sh -c "echo container kernel: \$$(uname -r); id; ls /"'
 
 test: test-unit test-kvm
 
@@ -87,6 +88,9 @@ bench-boot: build guest
 
 bench-vsock: build guest
 	$(TESTHOST) run -- python3 integration/bench_vsock.py
+
+bench-run: build guest images
+	$(TESTHOST) run -- python3 integration/bench_run.py
 
 clean:
 	rm -rf $(BUILD) target
