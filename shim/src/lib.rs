@@ -8,3 +8,5 @@
 #![forbid(unsafe_code)]
 
 pub mod image;
+pub mod spec;
+pub mod user;
