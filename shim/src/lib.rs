@@ -10,3 +10,10 @@
 pub mod image;
 pub mod spec;
 pub mod user;
+pub mod agent;
+pub mod helper;
+pub mod run;
+pub mod sandbox;
+pub mod stdio;
+pub mod tty;
+pub mod vsock;

@@ -112,7 +112,7 @@ pub fn resolve_user(root: &Path, spec: &str) -> Result<User, UserError> {
     };
     let Some(entry) = entry else { return Err(UserError::UnknownUser(user.to_string())) };
     let gid = resolve_group(&groups, group, entry.gid, spec)?;
-    let mut additional: Vec<u32> = groups.iter().filter(|g| g.members.iter().any(|m| *m == entry.name)).map(|g| g.gid).collect();
+    let mut additional: Vec<u32> = groups.iter().filter(|g| g.members.contains(&entry.name)).map(|g| g.gid).collect();
     // With an explicit group, Docker drops the supplementary groups; without one, the
     // primary group is listed too.
     if group.is_some() {

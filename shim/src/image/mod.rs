@@ -24,7 +24,7 @@ const MAX_INDEX_DEPTH: usize = 4;
 /// Why an image could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("image {0} does not exist")]
+    #[error("no such file or directory")]
     Missing(PathBuf),
     #[error("{0}")]
     Invalid(String),

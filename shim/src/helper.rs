@@ -1,0 +1,221 @@
+//! Hidden helper modes of any binary built on this library (`<exe> __moat-helper ...`).
+//!
+//! They exist so that a child can be prepared between fork and exec without unsafe
+//! code: the binary re-executes itself, the helper does the preparation with safe
+//! calls, then execs the real program.
+//!
+//! - `exec PARENT PROG ARGS...`: dies with PARENT (PR_SET_PDEATHSIG), then execs PROG.
+//!   Used for moat-vmm, so a SIGKILLed `moat` takes its VM with it.
+//! - `fs JSON`: unshares a private mount namespace, makes the sandbox's host mounts
+//!   (overlay rootfs, bind volumes) inside it, then execs virtiofsd there. The mounts
+//!   exist only in that namespace and vanish with virtiofsd, whatever kills it.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+/// argv[1] that selects a helper mode.
+pub const HELPER_ARG: &str = "__moat-helper";
+
+/// One mount the fs backend's namespace gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum HostMount {
+    /// A writable layer over a read-only image.
+    Overlay { lower: PathBuf, upper: PathBuf, work: PathBuf, target: PathBuf },
+    /// A bind mount, made read-only on the host side if asked.
+    Bind { source: PathBuf, target: PathBuf, read_only: bool },
+}
+
+/// Everything the `fs` helper needs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FsBackend {
+    pub parent_pid: i32,
+    pub virtiofsd: PathBuf,
+    pub socket: PathBuf,
+    pub shared: PathBuf,
+    pub mounts: Vec<HostMount>,
+}
+
+/// Why a helper failed (printed on its stderr, which goes to a log in the state dir).
+#[derive(Debug, thiserror::Error)]
+pub enum HelperError {
+    #[error("usage: {HELPER_ARG} exec PARENT PROG [ARGS...] | {HELPER_ARG} fs JSON")]
+    Usage,
+    #[error("the parent exited before the helper started")]
+    Orphaned,
+    #[error("{what}")]
+    Sys {
+        what: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("bad fs backend description")]
+    Json(#[from] serde_json::Error),
+    #[error("path {0:?} contains a NUL byte, or a comma or colon that overlayfs options cannot hold")]
+    BadPath(PathBuf),
+}
+
+/// Runs a helper mode if argv asks for one (never returns then); otherwise returns.
+/// Call it first thing in `main` of every binary built on this library.
+pub fn run_if_helper() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).map(|a| a.as_bytes()) != Some(HELPER_ARG.as_bytes()) {
+        return;
+    }
+    let err = match run(&args[2..]) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    };
+    let mut msg = format!("moat helper: {err}");
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    eprintln!("{msg}");
+    std::process::exit(125);
+}
+
+fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> HelperError {
+    let what = what.into();
+    move |source| HelperError::Sys { what, source }
+}
+
+fn run(args: &[std::ffi::OsString]) -> Result<std::convert::Infallible, HelperError> {
+    let mode = args.first().and_then(|a| a.to_str()).ok_or(HelperError::Usage)?;
+    match mode {
+        "exec" => {
+            let parent: i32 = args.get(1).and_then(|a| a.to_str()).and_then(|a| a.parse().ok()).ok_or(HelperError::Usage)?;
+            die_with_parent(parent)?;
+            let prog = args.get(2).ok_or(HelperError::Usage)?;
+            exec(Path::new(prog), &args[2..])
+        }
+        "fs" => {
+            let json = args.get(1).and_then(|a| a.to_str()).ok_or(HelperError::Usage)?;
+            let cfg: FsBackend = serde_json::from_str(json)?;
+            die_with_parent(cfg.parent_pid)?;
+            make_mounts(&cfg.mounts)?;
+            let argv = virtiofsd_args(&cfg);
+            exec(&cfg.virtiofsd, &argv)
+        }
+        _ => Err(HelperError::Usage),
+    }
+}
+
+/// virtiofsd's command line (QEMU 7.2's C virtiofsd syntax).
+pub fn virtiofsd_args(cfg: &FsBackend) -> Vec<std::ffi::OsString> {
+    let mut source = std::ffi::OsString::from("source=");
+    source.push(&cfg.shared);
+    let mut socket = std::ffi::OsString::from("--socket-path=");
+    socket.push(&cfg.socket);
+    [
+        cfg.virtiofsd.as_os_str().to_os_string(),
+        socket,
+        "-o".into(),
+        source,
+        "-o".into(),
+        "cache=auto".into(),
+        "-o".into(),
+        "sandbox=namespace".into(),
+        "-o".into(),
+        "log_level=warn".into(),
+    ]
+    .into()
+}
+
+fn die_with_parent(parent: i32) -> Result<(), HelperError> {
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("cannot set the parent-death signal"))?;
+    // The parent may have died between fork and prctl: then we were reparented.
+    if nix::unistd::getppid().as_raw() != parent {
+        return Err(HelperError::Orphaned);
+    }
+    Ok(())
+}
+
+fn cstring(p: &std::ffi::OsStr) -> Result<CString, HelperError> {
+    CString::new(p.as_bytes()).map_err(|_| HelperError::BadPath(PathBuf::from(p)))
+}
+
+fn exec(prog: &Path, argv: &[std::ffi::OsString]) -> Result<std::convert::Infallible, HelperError> {
+    let path = cstring(prog.as_os_str())?;
+    let argv = argv.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>()?;
+    nix::unistd::execv(&path, &argv).map_err(sys(format!("cannot execute {}", prog.display())))
+}
+
+/// Overlay option values cannot hold `,` or `:` (they separate options and layers).
+fn overlay_path(p: &Path) -> Result<String, HelperError> {
+    match p.to_str() {
+        Some(s) if !s.contains([',', ':', '\0']) => Ok(s.to_string()),
+        _ => Err(HelperError::BadPath(p.to_path_buf())),
+    }
+}
+
+/// The data string of an overlay mount.
+pub fn overlay_options(lower: &Path, upper: &Path, work: &Path) -> Result<String, HelperError> {
+    Ok(format!("lowerdir={},upperdir={},workdir={}", overlay_path(lower)?, overlay_path(upper)?, overlay_path(work)?))
+}
+
+fn make_mounts(mounts: &[HostMount]) -> Result<(), HelperError> {
+    unshare(CloneFlags::CLONE_NEWNS).map_err(sys("cannot create a mount namespace (moat run needs root)"))?;
+    // Nothing we mount may propagate back to the host's namespace.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(sys("cannot make / private in the helper's mount namespace"))?;
+    for m in mounts {
+        match m {
+            HostMount::Overlay { lower, upper, work, target } => {
+                let data = overlay_options(lower, upper, work)?;
+                mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
+                    .map_err(sys(format!("cannot mount the overlay rootfs on {}", target.display())))?;
+            }
+            HostMount::Bind { source, target, read_only } => {
+                mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                    .map_err(sys(format!("cannot bind {} on {}", source.display(), target.display())))?;
+                if *read_only {
+                    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+                    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+                        .map_err(sys(format!("cannot make {} read-only", target.display())))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_options_refuse_separators() {
+        let o = overlay_options(Path::new("/l"), Path::new("/u"), Path::new("/w")).expect("plain paths");
+        assert_eq!(o, "lowerdir=/l,upperdir=/u,workdir=/w");
+        assert!(overlay_options(Path::new("/a,b"), Path::new("/u"), Path::new("/w")).is_err());
+        assert!(overlay_options(Path::new("/l"), Path::new("/a:b"), Path::new("/w")).is_err());
+    }
+
+    #[test]
+    fn fs_backend_round_trips_and_builds_virtiofsd_args() {
+        let cfg = FsBackend {
+            parent_pid: 1,
+            virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
+            socket: "/run/moat/x/fs.sock".into(),
+            shared: "/run/moat/x/shared".into(),
+            mounts: vec![
+                HostMount::Overlay { lower: "/l".into(), upper: "/u".into(), work: "/w".into(), target: "/t".into() },
+                HostMount::Bind { source: "/s".into(), target: "/t2".into(), read_only: true },
+            ],
+        };
+        let back: FsBackend = serde_json::from_str(&serde_json::to_string(&cfg).expect("json")).expect("parse");
+        assert_eq!(back.mounts, cfg.mounts);
+        let args: Vec<String> = virtiofsd_args(&cfg).iter().map(|a| a.to_string_lossy().into_owned()).collect();
+        assert_eq!(args[1], "--socket-path=/run/moat/x/fs.sock");
+        assert!(args.windows(2).any(|w| w == ["-o", "source=/run/moat/x/shared"]));
+        assert!(args.windows(2).any(|w| w == ["-o", "sandbox=namespace"]));
+    }
+}

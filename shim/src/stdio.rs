@@ -1,0 +1,126 @@
+//! A process's stdio over vsock: one connection per stream to the agent's
+//! STDIO_PORT, a header line naming the process and stream, then raw bytes.
+//!
+//! Copies use plain blocking reads and writes with large buffers on one thread per
+//! stream: bytes of a stream arrive in order on one connection, so nothing is
+//! reordered, and a slow consumer backpressures the guest instead of growing a
+//! buffer here.
+
+use std::io::{Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use moat_protocol::{StdioHeader, StreamKind, STDIO_PORT};
+
+use crate::vsock::{dial, DialError};
+
+/// Copy buffer size: large enough that per-call overhead is noise at GB/s.
+pub const COPY_BUFFER: usize = 1 << 20;
+
+/// Opens the stream `kind` of process (`container`, `exec`).
+pub fn open_stream(uds: &Path, container: &str, exec: &str, kind: StreamKind) -> Result<UnixStream, DialError> {
+    let mut s = dial(uds, STDIO_PORT, Duration::from_secs(10))?;
+    let header = StdioHeader { container_id: container.to_string(), exec_id: exec.to_string(), stream: kind };
+    s.write_all(header.to_line().as_bytes()).map_err(|source| DialError::Io { port: STDIO_PORT, source })?;
+    Ok(s)
+}
+
+/// Copies `from` to `to` until EOF; returns the byte count. A write error (the
+/// reader of our stdout went away) ends the copy and closes `from`, which the guest
+/// sees as a broken pipe.
+pub fn copy_out(mut from: UnixStream, mut to: impl Write + Send + 'static) -> JoinHandle<std::io::Result<u64>> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; COPY_BUFFER];
+        let mut total = 0u64;
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if let Err(e) = to.write_all(&buf[..n]).and_then(|()| to.flush()) {
+                let _ = from.shutdown(Shutdown::Both);
+                return Err(e);
+            }
+            total += n as u64;
+        }
+        Ok(total)
+    })
+}
+
+/// Copies `from` (the host's stdin) into `to` until EOF, then half-closes `to` and
+/// calls `on_eof` (which tells the agent to close the process's stdin).
+pub fn copy_in(
+    mut from: impl Read + Send + 'static,
+    mut to: UnixStream,
+    on_eof: impl FnOnce() + Send + 'static,
+) -> JoinHandle<std::io::Result<u64>> {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; COPY_BUFFER];
+        let mut total = 0u64;
+        let result = loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) => break Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => break Err(e),
+            };
+            if let Err(e) = to.write_all(&buf[..n]) {
+                // The process closed its stdin or is gone: stop quietly.
+                break if e.kind() == std::io::ErrorKind::BrokenPipe { Ok(total) } else { Err(e) };
+            }
+            total += n as u64;
+        };
+        let _ = to.shutdown(Shutdown::Write);
+        on_eof();
+        result
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn copy_out_moves_every_byte_in_order() {
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let data: Vec<u8> = (0..(3 * COPY_BUFFER + 17)).map(|i| (i % 251) as u8).collect();
+        let expect = data.clone();
+        let writer = std::thread::spawn(move || {
+            b.write_all(&data).expect("write");
+        });
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        struct Chan(mpsc::Sender<Vec<u8>>);
+        impl Write for Chan {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.send(b.to_vec()).map_err(|_| std::io::Error::other("closed"))?;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let h = copy_out(a, Chan(tx));
+        writer.join().expect("writer");
+        assert_eq!(h.join().expect("copy").expect("ok"), expect.len() as u64);
+        let got: Vec<u8> = rx.iter().flatten().collect();
+        assert!(got == expect, "bytes lost or reordered");
+    }
+
+    #[test]
+    fn copy_in_half_closes_and_reports_eof() {
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let (tx, rx) = mpsc::channel();
+        let h = copy_in(&b"hello"[..], a, move || tx.send(()).expect("eof"));
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).expect("read to EOF: the write side was half-closed");
+        assert_eq!(got, b"hello");
+        rx.recv_timeout(Duration::from_secs(5)).expect("on_eof called");
+        assert_eq!(h.join().expect("copy").expect("ok"), 5);
+    }
+}
