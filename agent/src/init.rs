@@ -7,8 +7,7 @@ use std::path::Path;
 use nix::mount::{mount, MsFlags};
 use nix::sys::reboot::{reboot, RebootMode};
 use nix::sys::stat::Mode;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
-use nix::unistd::{sync, Pid};
+use nix::unistd::sync;
 
 use crate::sys;
 
@@ -62,8 +61,27 @@ const MOUNTS: &[(&str, &str, &str, u64, &str)] = &[
     ("cgroup2", "/sys/fs/cgroup", "cgroup2", libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC, "nsdelegate"),
 ];
 
+/// Moves the agent's root from the initramfs onto a tmpfs mounted over it (what
+/// switch_root does). The initramfs is the namespace's root mount and pivot_root(2)
+/// refuses to pivot away from it; a root mount with a parent lets every container
+/// pivot_root into its rootfs and detach the guest's tree. The agent binary stays
+/// reachable through /proc/self/exe, which is all the container helper needs.
+fn leave_initramfs() -> nix::Result<()> {
+    let new_root = "/.moat-root";
+    fs::create_dir_all(new_root).map_err(|_| nix::Error::EIO)?;
+    mount(Some("tmpfs"), new_root, Some("tmpfs"), MsFlags::empty(), Some("mode=0755"))?;
+    nix::unistd::chdir(new_root)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    nix::unistd::chdir("/")
+}
+
 /// Mounts the basic filesystems and reads the command line.
 pub fn setup() -> Result<AgentCmdline, InitError> {
+    if let Err(e) = leave_initramfs() {
+        // Containers then fall back to move-and-chroot (see mounts.rs).
+        println!("moat-agent: cannot move the root off the initramfs: {e}");
+    }
     for &(source, target, fstype, flags, data) in MOUNTS {
         fs::create_dir_all(target).map_err(|e| InitError::Mkdir(target, e))?;
         let data = (!data.is_empty()).then_some(data);
@@ -121,14 +139,6 @@ pub fn hwrng_selftest(timeout: std::time::Duration) -> Result<usize, String> {
         let _ = tx.send(r.map_err(|e| e.to_string()));
     });
     rx.recv_timeout(timeout).map_err(|_| "timed out".to_string())?
-}
-
-/// Reaps one exited child if there is one; false if there was nothing to reap.
-pub fn reap_children() -> bool {
-    matches!(
-        waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)),
-        Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..))
-    )
 }
 
 /// Syncs, waits for the console to finish sending, tells the VMM the guest is done

@@ -1,0 +1,508 @@
+//! stdio of container processes. Each process gets pipes (or a pty when its spec
+//! asks for a terminal); the host attaches each stream as its own vsock connection to
+//! [`STDIO_PORT`], whose first line names the process and stream
+//! ([`StdioHeader`]). One copy thread per attached stream (so at most three per
+//! process) moves the bytes with blocking I/O: a slow reader backpressures the process
+//! through its pipe, nothing is buffered beyond the pipe, and an output stream
+//! attached after the process exited still gets everything the pipe holds.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use moat_protocol::{StdioHeader, StreamKind, MAX_STDIO_HEADER, STDIO_PORT};
+use nix::fcntl::OFlag;
+use nix::sys::socket::{bind, listen, setsockopt, shutdown, socket, sockopt, AddressFamily, Backlog, Shutdown};
+use nix::sys::socket::{SockFlag, SockType, VsockAddr};
+use nix::sys::time::TimeVal;
+
+use crate::error::{AgentError, Result};
+use crate::logger::who;
+
+/// How long a new stdio connection may take to send its header.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections whose header is still being read, at most.
+const MAX_PENDING_HEADERS: usize = 64;
+/// How often a stdin copy thread looks at a CloseStdin request while idle.
+const STDIN_POLL_MS: u16 = 50;
+
+/// An output stream's state.
+enum Out {
+    /// Not attached yet: the agent holds the read end (the pipe buffers, then blocks).
+    Waiting(File),
+    Attached,
+    NotRequested,
+}
+
+struct Stdin {
+    /// The write end, while no stream is attached and stdin is open.
+    writer: Option<File>,
+    requested: bool,
+    attached: bool,
+    closed: bool,
+    /// Set by CloseStdin while a stream is attached: the copy thread closes stdin
+    /// once the stream has nothing more to read.
+    close_requested: Arc<AtomicBool>,
+}
+
+/// The agent's side of one process's stdio.
+pub struct ProcessIo {
+    who: String,
+    stdin: Mutex<Stdin>,
+    stdout: Mutex<Out>,
+    stderr: Mutex<Out>,
+    pty_master: Option<Arc<OwnedFd>>,
+    /// The process's ends, until the helper that starts it has received them.
+    child_fds: Mutex<Option<[OwnedFd; 3]>>,
+}
+
+fn internal(what: &str, e: impl std::error::Error) -> AgentError {
+    AgentError::internal(what, e)
+}
+
+fn pipe() -> Result<(File, File)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| internal("cannot create a pipe", e))?;
+    Ok((File::from(r), File::from(w)))
+}
+
+fn dev_null() -> Result<OwnedFd> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| internal("cannot open /dev/null", e))?;
+    Ok(OwnedFd::from(f))
+}
+
+fn dup(fd: &impl AsFd) -> Result<OwnedFd> {
+    fd.as_fd().try_clone_to_owned().map_err(|e| internal("cannot duplicate a descriptor", e))
+}
+
+impl ProcessIo {
+    /// Makes the pipes or the pty for a process; `stdio` says which streams the host
+    /// will attach. With a terminal the pty is stdin, stdout and stderr.
+    pub fn new(
+        container_id: &str,
+        exec_id: &str,
+        stdio: &moat_protocol::Stdio,
+        terminal: bool,
+        size: Option<(u16, u16)>,
+    ) -> Result<ProcessIo> {
+        let who = who(container_id, exec_id);
+        let close_requested = Arc::new(AtomicBool::new(false));
+        if terminal {
+            if stdio.stderr {
+                return Err(AgentError::InvalidArgument(format!(
+                    "{who}: a terminal process has no separate stderr stream (stdio.stderr must be false)"
+                )));
+            }
+            let pty = nix::pty::openpty(None, None).map_err(|e| internal("cannot open a pty", e))?;
+            for fd in [&pty.master, &pty.slave] {
+                nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
+                    .map_err(|e| internal("cannot set close-on-exec on the pty", e))?;
+            }
+            if let Some((rows, cols)) = size {
+                crate::sys::set_winsize(pty.master.as_fd(), rows, cols).map_err(|e| internal("cannot size the pty", e))?;
+            }
+            let master = Arc::new(pty.master);
+            let stdin_writer = if stdio.stdin { Some(File::from(dup(&*master)?)) } else { None };
+            let stdout = if stdio.stdout { Out::Waiting(File::from(dup(&*master)?)) } else { Out::NotRequested };
+            let fds = [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave];
+            return Ok(ProcessIo {
+                who,
+                stdin: Mutex::new(Stdin {
+                    writer: stdin_writer,
+                    requested: stdio.stdin,
+                    attached: false,
+                    closed: false,
+                    close_requested,
+                }),
+                stdout: Mutex::new(stdout),
+                stderr: Mutex::new(Out::NotRequested),
+                pty_master: Some(master),
+                child_fds: Mutex::new(Some(fds)),
+            });
+        }
+        let (stdin_child, stdin_writer) = if stdio.stdin {
+            let (r, w) = pipe()?;
+            (OwnedFd::from(r), Some(w))
+        } else {
+            (dev_null()?, None)
+        };
+        let out = |requested: bool| -> Result<(OwnedFd, Out)> {
+            if requested {
+                let (r, w) = pipe()?;
+                Ok((OwnedFd::from(w), Out::Waiting(r)))
+            } else {
+                Ok((dev_null()?, Out::NotRequested))
+            }
+        };
+        let (stdout_child, stdout) = out(stdio.stdout)?;
+        let (stderr_child, stderr) = out(stdio.stderr)?;
+        Ok(ProcessIo {
+            who,
+            stdin: Mutex::new(Stdin {
+                writer: stdin_writer,
+                requested: stdio.stdin,
+                attached: false,
+                closed: false,
+                close_requested,
+            }),
+            stdout: Mutex::new(stdout),
+            stderr: Mutex::new(stderr),
+            pty_master: None,
+            child_fds: Mutex::new(Some([stdin_child, stdout_child, stderr_child])),
+        })
+    }
+
+    /// The process's stdin, stdout and stderr, for the helper that starts it (once).
+    pub fn take_child_fds(&self) -> Option<[OwnedFd; 3]> {
+        self.child_fds.lock().ok()?.take()
+    }
+
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        let Some(m) = &self.pty_master else {
+            return Err(AgentError::FailedPrecondition(format!("{}: the process has no terminal", self.who)));
+        };
+        crate::sys::set_winsize(m.as_fd(), rows, cols).map_err(|e| internal("cannot resize the pty", e))
+    }
+
+    /// Closes the process's stdin (at once if no stream is attached; after the
+    /// attached stream's pending bytes otherwise).
+    pub fn close_stdin(&self) {
+        let Ok(mut s) = self.stdin.lock() else { return };
+        s.closed = true;
+        s.writer = None;
+        s.close_requested.store(true, Ordering::SeqCst);
+    }
+
+    /// Drops everything the agent holds for the process (RemoveContainer).
+    pub fn close_all(&self) {
+        self.close_stdin();
+        for out in [&self.stdout, &self.stderr] {
+            if let Ok(mut o) = out.lock() {
+                if matches!(*o, Out::Waiting(_)) {
+                    *o = Out::NotRequested;
+                }
+            }
+        }
+        if let Ok(mut f) = self.child_fds.lock() {
+            *f = None;
+        }
+    }
+
+    /// Connects a stream; on refusal the connection is closed with a log line.
+    fn attach(&self, kind: StreamKind, conn: File) {
+        match kind {
+            StreamKind::Stdin => {
+                let Ok(mut s) = self.stdin.lock() else { return };
+                if !s.requested || s.attached || s.closed {
+                    log::warn!("{}: stdin stream refused (not requested, already attached or closed)", self.who);
+                    return;
+                }
+                let Some(writer) = s.writer.take() else { return };
+                s.attached = true;
+                let close = s.close_requested.clone();
+                let who = self.who.clone();
+                spawn(move || copy_in(&who, conn, writer, &close));
+            }
+            StreamKind::Stdout | StreamKind::Stderr => {
+                let slot = if kind == StreamKind::Stdout { &self.stdout } else { &self.stderr };
+                let Ok(mut o) = slot.lock() else { return };
+                match std::mem::replace(&mut *o, Out::Attached) {
+                    Out::Waiting(src) => {
+                        let who = format!("{} {kind:?}", self.who);
+                        spawn(move || copy_out(&who, src, conn));
+                    }
+                    other => {
+                        *o = other;
+                        log::warn!("{}: {kind:?} stream refused (not requested or already attached)", self.who);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn spawn(f: impl FnOnce() + Send + 'static) {
+    if let Err(e) = std::thread::Builder::new().name("stdio".into()).spawn(f) {
+        log::error!("cannot start a stdio copy thread: {e}");
+    }
+}
+
+/// Copies the host's stream into the process's stdin until the stream ends, the
+/// process closes its stdin, or CloseStdin asked for it and the stream is idle.
+fn copy_in(who: &str, mut src: File, mut dst: File, close: &AtomicBool) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut buf = vec![0u8; 32 << 10];
+    loop {
+        let ready = {
+            let mut fds = [PollFd::new(src.as_fd(), PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(STDIN_POLL_MS)) {
+                Ok(n) => n > 0,
+                Err(nix::Error::EINTR) => false,
+                Err(_) => break,
+            }
+        };
+        if !ready {
+            if close.load(Ordering::SeqCst) {
+                break;
+            }
+            continue;
+        }
+        match src.read(&mut buf) {
+            // EOF: the host closed or half-closed the stream (a peer shutdown of
+            // either direction ends our reading too).
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if dst.write_all(&buf[..n]).is_err() {
+                    break; // the process closed its stdin
+                }
+            }
+        }
+    }
+    log::debug!("{who}: stdin closed");
+}
+
+/// Copies process output to the host's stream until the pipe's writers are all
+/// gone, then shuts the stream's write side. If the host stops reading, the rest is
+/// read and discarded, so the process is never blocked by a stream nobody reads.
+fn copy_out(who: &str, mut src: File, mut dst: File) {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut host_gone = false;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            // A pty master reads EIO once the last slave is closed.
+            Err(_) => break,
+        };
+        if !host_gone && dst.write_all(&buf[..n]).is_err() {
+            log::debug!("{who}: the host stopped reading; discarding the rest");
+            host_gone = true;
+        }
+    }
+    let _ = shutdown(dst.as_raw_fd(), Shutdown::Write);
+    log::debug!("{who}: output drained");
+}
+
+/// Every process's stdio by (container id, exec id).
+#[derive(Default)]
+pub struct Registry {
+    map: Mutex<HashMap<(String, String), Arc<ProcessIo>>>,
+}
+
+pub fn registry() -> &'static Registry {
+    static R: OnceLock<Registry> = OnceLock::new();
+    R.get_or_init(Registry::default)
+}
+
+impl Registry {
+    pub fn insert(&self, container_id: &str, exec_id: &str, io: Arc<ProcessIo>) {
+        if let Ok(mut m) = self.map.lock() {
+            m.insert((container_id.to_string(), exec_id.to_string()), io);
+        }
+    }
+
+    pub fn remove_container(&self, container_id: &str) {
+        if let Ok(mut m) = self.map.lock() {
+            m.retain(|(c, _), io| {
+                let keep = c != container_id;
+                if !keep {
+                    io.close_all();
+                }
+                keep
+            });
+        }
+    }
+
+    fn get(&self, h: &StdioHeader) -> Option<Arc<ProcessIo>> {
+        self.map.lock().ok()?.get(&(h.container_id.clone(), h.exec_id.clone())).cloned()
+    }
+}
+
+/// Reads the header line byte by byte (so none of the stream after it is taken),
+/// at most [`MAX_STDIO_HEADER`] bytes.
+pub fn read_header(conn: &mut impl Read) -> std::result::Result<StdioHeader, String> {
+    let mut line = Vec::with_capacity(64);
+    let mut b = [0u8; 1];
+    loop {
+        match conn.read(&mut b) {
+            Ok(0) => return Err("stream closed before its header ended".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("reading the header: {e}")),
+        }
+        line.push(b[0]);
+        if b[0] == b'\n' {
+            break;
+        }
+        if line.len() >= MAX_STDIO_HEADER {
+            return Err(format!("header longer than {MAX_STDIO_HEADER} bytes"));
+        }
+    }
+    let text = std::str::from_utf8(&line).map_err(|_| "header is not UTF-8".to_string())?;
+    StdioHeader::parse(text).map_err(|e| e.0)
+}
+
+/// Starts listening for stdio streams.
+pub fn serve() -> Result<()> {
+    let listener = socket(AddressFamily::Vsock, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| internal("cannot create the stdio socket", e))?;
+    bind(listener.as_raw_fd(), &VsockAddr::new(u32::MAX, STDIO_PORT))
+        .map_err(|e| internal("cannot bind the stdio port", e))?;
+    listen(&listener, Backlog::new(64).map_err(|e| internal("backlog", e))?)
+        .map_err(|e| internal("cannot listen on the stdio port", e))?;
+    std::thread::Builder::new()
+        .name("stdio-accept".into())
+        .spawn(move || accept_loop(listener))
+        .map_err(|e| internal("cannot start the stdio listener", e))?;
+    Ok(())
+}
+
+fn accept_loop(listener: OwnedFd) {
+    let pending = Arc::new(AtomicUsize::new(0));
+    loop {
+        let conn = match crate::sys::accept_owned(&listener) {
+            Ok(c) => c,
+            Err(e) => {
+                log::warn!("stdio: accept failed: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HEADERS {
+            pending.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("stdio: too many connections without a header; closing one");
+            continue;
+        }
+        let pending = pending.clone();
+        spawn(move || {
+            handle(conn);
+            pending.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+fn handle(conn: OwnedFd) {
+    let timeout = TimeVal::new(HEADER_TIMEOUT.as_secs() as _, 0);
+    if let Err(e) = setsockopt(&conn, sockopt::ReceiveTimeout, &timeout) {
+        log::warn!("stdio: cannot set a header timeout: {e}");
+        return;
+    }
+    let mut file = File::from(conn);
+    let header = match read_header(&mut file) {
+        Ok(h) => h,
+        Err(e) => {
+            log::warn!("stdio: connection refused: {e}");
+            return;
+        }
+    };
+    let _ = setsockopt(&file, sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
+    match registry().get(&header) {
+        Some(io) => {
+            log::debug!("{}: {:?} stream attached", who(&header.container_id, &header.exec_id), header.stream);
+            io.attach(header.stream, file);
+        }
+        None => log::warn!(
+            "stdio: {} has no process: {:?} stream closed",
+            who(&header.container_id, &header.exec_id),
+            header.stream
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_are_read_exactly_to_the_newline() {
+        let mut input: &[u8] = b"c1 - stdout\nPAYLOAD";
+        let h = read_header(&mut input).expect("header");
+        assert_eq!(h.container_id, "c1");
+        assert_eq!(h.exec_id, "");
+        assert_eq!(h.stream, StreamKind::Stdout);
+        assert_eq!(input, b"PAYLOAD", "the payload is left in the stream");
+        let mut input: &[u8] = b"c1 e2 stdin\n";
+        assert_eq!(read_header(&mut input).map(|h| h.exec_id), Ok("e2".into()));
+    }
+
+    #[test]
+    fn bad_headers_are_refused() {
+        let long = vec![b'a'; MAX_STDIO_HEADER + 10];
+        assert!(read_header(&mut long.as_slice()).expect_err("long").contains("longer than"));
+        assert!(read_header(&mut &b"c1 - stdout"[..]).is_err(), "no newline before EOF");
+        assert!(read_header(&mut &b"c1 - video\n"[..]).is_err());
+        assert!(read_header(&mut &b"\xff - stdin\n"[..]).is_err());
+    }
+
+    fn stdio(i: bool, o: bool, e: bool) -> moat_protocol::Stdio {
+        moat_protocol::Stdio { stdin: i, stdout: o, stderr: e, ..Default::default() }
+    }
+
+    #[test]
+    fn output_attached_late_gets_everything_and_eof() {
+        let io = ProcessIo::new("c", "", &stdio(false, true, false), false, None).expect("io");
+        let [_stdin, stdout, stderr] = io.take_child_fds().expect("fds");
+        let mut w = File::from(stdout);
+        w.write_all(b"hello\n").expect("write");
+        drop(w);
+        drop(stderr);
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        io.attach(StreamKind::Stdout, File::from(OwnedFd::from(a)));
+        let mut got = Vec::new();
+        let mut b = b;
+        b.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"hello\n");
+    }
+
+    #[test]
+    fn stdin_stream_eof_closes_the_pipe() {
+        let io = ProcessIo::new("c", "", &stdio(true, false, false), false, None).expect("io");
+        let [stdin, _o, _e] = io.take_child_fds().expect("fds");
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        io.attach(StreamKind::Stdin, File::from(OwnedFd::from(a)));
+        b.write_all(b"abc").expect("write");
+        b.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut got = Vec::new();
+        File::from(stdin).read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"abc");
+    }
+
+    #[test]
+    fn close_stdin_with_an_idle_stream_attached() {
+        let io = ProcessIo::new("c", "", &stdio(true, false, false), false, None).expect("io");
+        let [stdin, _o, _e] = io.take_child_fds().expect("fds");
+        let (a, mut b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        io.attach(StreamKind::Stdin, File::from(OwnedFd::from(a)));
+        b.write_all(b"xyz").expect("write");
+        std::thread::sleep(Duration::from_millis(200));
+        io.close_stdin();
+        let mut got = Vec::new();
+        File::from(stdin).read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"xyz");
+    }
+
+    #[test]
+    fn close_stdin_without_a_stream_is_immediate() {
+        let io = ProcessIo::new("c", "", &stdio(true, true, false), false, None).expect("io");
+        let [stdin, _o, _e] = io.take_child_fds().expect("fds");
+        io.close_stdin();
+        let mut got = Vec::new();
+        File::from(stdin).read_to_end(&mut got).expect("EOF at once");
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn terminal_with_stderr_is_refused() {
+        assert!(matches!(
+            ProcessIo::new("c", "", &stdio(false, true, true), true, None),
+            Err(AgentError::InvalidArgument(_))
+        ));
+    }
+}
