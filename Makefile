@@ -76,13 +76,15 @@ test-unit: guest
 	@test -e /dev/kvm || echo "*** WARNING: /dev/kvm is missing: the KVM plumbing tests (vmm/tests/kvm_plumbing.rs) run no guest here ***"
 	$(CARGO) test --locked --workspace
 
-# Real boot tests: the integration test binary runs where KVM can boot Linux.
-test-kvm: build guest
-	@mkdir -p $(BUILD)/test
+# Real boot tests: every integration test binary (boot, agent, run, ...) runs where
+# KVM can boot Linux, one after another in one test host; the first failure stops.
+test-kvm: build guest images
+	@rm -rf $(BUILD)/test && mkdir -p $(BUILD)/test
 	$(CARGO) test --locked -p moat-integration --no-run --message-format=json 2>/dev/null \
-	  | python3 -c 'import json,sys; [print(m["executable"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["name"]=="boot"]' \
-	  | head -1 | xargs -I{} cp {} $(BUILD)/test/boot
-	$(TESTHOST) run -- $(BUILD)/test/boot --include-ignored --test-threads=1
+	  | python3 -c 'import json,sys; [print(m["executable"], m["target"]["name"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]' \
+	  | while read -r exe name; do cp "$$exe" $(BUILD)/test/"$$name"; done
+	@ls $(BUILD)/test | grep -q . || { echo "no integration test binaries were built" >&2; exit 1; }
+	$(TESTHOST) run -- sh -c 'set -e; for t in $(BUILD)/test/*; do echo "=== $$t"; "$$t" --include-ignored --test-threads=1; done'
 
 bench-boot: build guest
 	$(TESTHOST) run -- python3 integration/bench_boot.py
