@@ -299,10 +299,8 @@ impl Container {
                 log::info!("{} started, pid {pid}", p.who);
                 Ok(pid as u32)
             }
-            Err(e) => {
-                log::error!("{} failed to start: {e}", p.who);
-                Err(e)
-            }
+            // The API logs the error with the process's ids.
+            Err(e) => Err(e),
         }
     }
 

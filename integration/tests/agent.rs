@@ -1,0 +1,441 @@
+//! The agent's container runtime end to end: boot moat's guest with a virtio-blk disk
+//! holding a small busybox rootfs (made here with mke2fs -d), dial the Agent API over
+//! hybrid vsock, and run containers through it: stdio streams, exit statuses, exec,
+//! signals, a terminal, limits, stats and removal.
+//!
+//! The guest-booting test is `#[ignore]`: `make test-kvm` runs it through
+//! integration/testhost with `--include-ignored`.
+
+use std::io::{BufRead, Read, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use moat_config::DEFAULT_CMDLINE;
+use moat_integration::{artifact, kvm_boots_linux};
+use moat_protocol::{
+    AgentClient, ContainerRef, CreateContainerRequest, ExecProcessRequest, ProcessRef, ResizePtyRequest,
+    SignalProcessRequest, StdioHeader, Storage, StreamKind, VersionRequest, AGENT_API_PORT, PROTOCOL_VERSION,
+    STDIO_PORT,
+};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+const ROOTFS: &str = "/run/moat/rootfs";
+
+fn ctx() -> ttrpc::context::Context {
+    ttrpc::context::with_timeout(120_000_000_000)
+}
+
+/// Makes an ext4 image with a static busybox and the links the tests use.
+fn make_rootfs_image(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "root"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    let busybox = ["/bin/busybox", "/usr/bin/busybox"].iter().map(Path::new).find(|p| p.exists()).expect(
+        "busybox is missing on this host (Debian: busybox-static)",
+    );
+    let bytes = std::fs::read(busybox).expect("read busybox");
+    assert!(!has_interpreter(&bytes), "{} is dynamically linked; install busybox-static", busybox.display());
+    std::fs::write(root.join("bin/busybox"), &bytes).expect("copy busybox");
+    set_mode(&root.join("bin/busybox"), 0o755);
+    for tool in ["sh", "cat", "echo", "sleep", "stty", "hostname", "seq", "true", "head", "id", "ls", "wc"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).expect("symlink");
+    }
+    std::fs::write(root.join("bin/not-executable"), b"#!/bin/sh\necho no\n").expect("write");
+    set_mode(&root.join("bin/not-executable"), 0o644);
+    std::fs::write(root.join("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+    let image = dir.join("rootfs.ext4");
+    let out = Command::new("mke2fs")
+        .args(["-q", "-F", "-t", "ext4", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .arg("64M")
+        .output()
+        .expect("run mke2fs (Debian: e2fsprogs)");
+    assert!(out.status.success(), "mke2fs failed: {}", String::from_utf8_lossy(&out.stderr));
+    image
+}
+
+fn set_mode(p: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// True if an ELF executable names a program interpreter (is dynamically linked).
+fn has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u32_at = |o: usize| u32::from_le_bytes(elf[o..o + 4].try_into().expect("4 bytes"));
+    let u64_at = |o: usize| u64::from_le_bytes(elf[o..o + 8].try_into().expect("8 bytes")) as usize;
+    assert_eq!(&elf[..5], b"\x7fELF\x02", "not a 64-bit ELF file");
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    (0..phnum).any(|i| u32_at(phoff + i * phentsize) == 3)
+}
+
+struct Vm {
+    child: Child,
+    uds: PathBuf,
+    console: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Vm {
+    fn boot(dir: &Path, disk: &Path) -> Vm {
+        let uds = dir.join("vsock.sock");
+        let mut child = Command::new(artifact("moat-vmm"))
+            .args(["--kernel", &artifact("vmlinux").display().to_string()])
+            .args(["--initrd", &artifact("initramfs.cpio.gz").display().to_string()])
+            .args(["--vcpus", "2", "--memory", "512", "--cmdline", DEFAULT_CMDLINE])
+            .args(["--vsock", &uds.display().to_string()])
+            .args(["--disk", &disk.display().to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start moat-vmm");
+        let console = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let log = console.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                println!("console: {line}");
+                if line.starts_with("moat-agent: ready") {
+                    let _ = tx.send(());
+                }
+                log.lock().expect("console").push_str(&(line + "\n"));
+            }
+        });
+        rx.recv_timeout(BOOT_TIMEOUT).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!("the agent did not come up:\n{}", console.lock().expect("console"))
+        });
+        Vm { child, uds, console }
+    }
+
+    fn connect(&self, port: u32) -> UnixStream {
+        let mut s = UnixStream::connect(&self.uds).expect("connect to the vsock socket");
+        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+        s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.last() != Some(&b'\n') {
+            assert_eq!(s.read(&mut b).expect("handshake"), 1, "vsock handshake closed: {line:?}");
+            line.push(b[0]);
+        }
+        assert!(line.starts_with(b"OK "), "handshake reply {:?}", String::from_utf8_lossy(&line));
+        s
+    }
+
+    fn agent(&self) -> AgentClient {
+        let s = self.connect(AGENT_API_PORT);
+        s.set_read_timeout(None).expect("no timeout");
+        AgentClient::new(ttrpc::Client::new(s.into_raw_fd()).expect("ttrpc client"))
+    }
+
+    /// A stdio stream of process (cid, eid).
+    fn stream(&self, cid: &str, eid: &str, kind: StreamKind) -> UnixStream {
+        let mut s = self.connect(STDIO_PORT);
+        let h = StdioHeader { container_id: cid.into(), exec_id: eid.into(), stream: kind };
+        s.write_all(h.to_line().as_bytes()).expect("header");
+        s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
+        s
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spec(args: &[&str], extra: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut v = serde_json::json!({
+        "ociVersion": "1.1.0",
+        "root": {"path": ROOTFS},
+        "process": {"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}},
+        "hostname": "box",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts", "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["nosuid", "noexec", "nodev", "ro"]},
+            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup", "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "network"}, {"type": "cgroup"}],
+            "maskedPaths": ["/proc/kcore"],
+            "readonlyPaths": ["/proc/sys"]
+        }
+    });
+    extra(&mut v);
+    v.to_string().into_bytes()
+}
+
+fn stdio(i: bool, o: bool, e: bool) -> protobuf::MessageField<moat_protocol::Stdio> {
+    protobuf::MessageField::some(moat_protocol::Stdio { stdin: i, stdout: o, stderr: e, ..Default::default() })
+}
+
+fn create(a: &AgentClient, id: &str, spec: Vec<u8>, io: protobuf::MessageField<moat_protocol::Stdio>) {
+    let req = CreateContainerRequest {
+        container_id: id.into(),
+        spec,
+        storages: vec![Storage {
+            source: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            target: ROOTFS.into(),
+            ..Default::default()
+        }],
+        stdio: io,
+        ..Default::default()
+    };
+    a.create_container(ctx(), &req).unwrap_or_else(|e| panic!("CreateContainer {id}: {e:?}"));
+}
+
+fn pref(cid: &str, eid: &str) -> ProcessRef {
+    ProcessRef { container_id: cid.into(), exec_id: eid.into(), ..Default::default() }
+}
+
+fn cref(cid: &str) -> ContainerRef {
+    ContainerRef { container_id: cid.into(), ..Default::default() }
+}
+
+fn start(a: &AgentClient, cid: &str, eid: &str) -> u32 {
+    a.start_process(ctx(), &pref(cid, eid)).unwrap_or_else(|e| panic!("StartProcess {cid}/{eid}: {e:?}")).pid
+}
+
+fn wait(a: &AgentClient, cid: &str, eid: &str) -> i32 {
+    a.wait_process(ctx(), &pref(cid, eid)).unwrap_or_else(|e| panic!("WaitProcess {cid}/{eid}: {e:?}")).exit_status
+}
+
+fn remove(a: &AgentClient, cid: &str) {
+    a.remove_container(ctx(), &cref(cid)).unwrap_or_else(|e| panic!("RemoveContainer {cid}: {e:?}"));
+}
+
+fn read_all(mut s: UnixStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("read a stream to its end");
+    out
+}
+
+fn code_of(e: &ttrpc::Error) -> ttrpc::Code {
+    match e {
+        ttrpc::Error::RpcStatus(s) => s.code(),
+        other => panic!("not an RPC status: {other:?}"),
+    }
+}
+
+fn exec(a: &AgentClient, cid: &str, eid: &str, process: serde_json::Value, io: protobuf::MessageField<moat_protocol::Stdio>) {
+    let req = ExecProcessRequest {
+        container_id: cid.into(),
+        exec_id: eid.into(),
+        process: process.to_string().into_bytes(),
+        stdio: io,
+        ..Default::default()
+    };
+    a.exec_process(ctx(), &req).unwrap_or_else(|e| panic!("ExecProcess {cid}/{eid}: {e:?}"));
+}
+
+fn output_and_status(vm: &Vm, a: &AgentClient) {
+    create(a, "out", spec(&["sh", "-c", "echo out; echo err >&2; exit 3"], |_| {}), stdio(false, true, true));
+    let out = vm.stream("out", "", StreamKind::Stdout);
+    let err = vm.stream("out", "", StreamKind::Stderr);
+    let pid = start(a, "out", "");
+    assert!(pid > 1);
+    assert_eq!(read_all(out), b"out\n");
+    assert_eq!(read_all(err), b"err\n");
+    assert_eq!(wait(a, "out", ""), 3);
+    // Starting twice is a state error.
+    let e = a.start_process(ctx(), &pref("out", "")).expect_err("second start");
+    assert_eq!(code_of(&e), ttrpc::Code::FAILED_PRECONDITION, "{e:?}");
+    remove(a, "out");
+    println!("ok: stdout/stderr bytes and exit status 3");
+}
+
+fn stdin_round_trip(vm: &Vm, a: &AgentClient) {
+    // CloseStdin after the echo came back.
+    create(a, "cat1", spec(&["cat"], |_| {}), stdio(true, true, false));
+    let mut input = vm.stream("cat1", "", StreamKind::Stdin);
+    let mut out = vm.stream("cat1", "", StreamKind::Stdout);
+    start(a, "cat1", "");
+    let data: Vec<u8> = (0..300_000u32).map(|i| b"abcdefghijklmnopqrstuvwxyz\n"[(i % 27) as usize]).collect();
+    let to_send = data.clone();
+    let writer = std::thread::spawn(move || {
+        input.write_all(&to_send).expect("write stdin");
+        input
+    });
+    let mut got = vec![0u8; data.len()];
+    out.read_exact(&mut got).expect("echo");
+    assert!(got == data, "cat echoed different bytes");
+    let _input = writer.join().expect("writer");
+    a.close_stdin(ctx(), &pref("cat1", "")).expect("CloseStdin");
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).expect("EOF after CloseStdin");
+    assert!(rest.is_empty());
+    assert_eq!(wait(a, "cat1", ""), 0);
+    remove(a, "cat1");
+    println!("ok: stdin round trip with CloseStdin ({} bytes)", data.len());
+
+    // Half-closing the stdin stream is stdin EOF.
+    create(a, "cat2", spec(&["cat"], |_| {}), stdio(true, true, false));
+    let mut input = vm.stream("cat2", "", StreamKind::Stdin);
+    let out = vm.stream("cat2", "", StreamKind::Stdout);
+    start(a, "cat2", "");
+    input.write_all(b"half-closed\n").expect("write");
+    input.shutdown(std::net::Shutdown::Write).expect("half-close");
+    assert_eq!(read_all(out), b"half-closed\n");
+    assert_eq!(wait(a, "cat2", ""), 0);
+    remove(a, "cat2");
+    println!("ok: stdin round trip with a half-closed stream");
+}
+
+fn exec_errors(a: &AgentClient) {
+    create(a, "missing", spec(&["no-such-command"], |_| {}), stdio(false, false, false));
+    let e = a.start_process(ctx(), &pref("missing", "")).expect_err("missing command");
+    assert_eq!(code_of(&e), ttrpc::Code::NOT_FOUND, "{e:?}");
+    assert!(format!("{e:?}").contains("no-such-command"), "{e:?}");
+    assert_eq!(wait(a, "missing", ""), 127);
+    remove(a, "missing");
+    create(a, "noexec", spec(&["/bin/not-executable"], |_| {}), stdio(false, false, false));
+    let e = a.start_process(ctx(), &pref("noexec", "")).expect_err("not executable");
+    assert_eq!(code_of(&e), ttrpc::Code::PERMISSION_DENIED, "{e:?}");
+    remove(a, "noexec");
+    println!("ok: missing command -> NotFound, non-executable -> PermissionDenied");
+}
+
+fn exec_signal_and_terminal(vm: &Vm, a: &AgentClient) {
+    create(a, "box", spec(&["sleep", "1000"], |_| {}), stdio(false, false, false));
+    start(a, "box", "");
+    let process = |args: &[&str], terminal: bool| {
+        serde_json::json!({"args": args, "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}, "terminal": terminal})
+    };
+    // An exec sees the container's hostname and pid namespace.
+    exec(a, "box", "e1", process(&["sh", "-c", "hostname; echo $$"], false), stdio(false, true, false));
+    let out = vm.stream("box", "e1", StreamKind::Stdout);
+    start(a, "box", "e1");
+    let text = String::from_utf8(read_all(out)).expect("utf-8");
+    assert_eq!(wait(a, "box", "e1"), 0);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.first(), Some(&"box"), "{text:?}");
+    let pid_inside: u32 = lines.get(1).and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("{text:?}"));
+    assert!(pid_inside > 1 && pid_inside < 100, "exec pid in the container's namespace: {pid_inside}");
+    // Duplicate exec ids are refused.
+    let dup = ExecProcessRequest {
+        container_id: "box".into(),
+        exec_id: "e1".into(),
+        process: process(&["true"], false).to_string().into_bytes(),
+        ..Default::default()
+    };
+    assert_eq!(code_of(&a.exec_process(ctx(), &dup).expect_err("dup")), ttrpc::Code::ALREADY_EXISTS);
+
+    // A signal ends an exec with 128 + n.
+    exec(a, "box", "e2", process(&["sleep", "1000"], false), stdio(false, false, false));
+    start(a, "box", "e2");
+    let sig = SignalProcessRequest { container_id: "box".into(), exec_id: "e2".into(), signal: 15, ..Default::default() };
+    a.signal_process(ctx(), &sig).expect("SignalProcess");
+    assert_eq!(wait(a, "box", "e2"), 143);
+    let e = a.signal_process(ctx(), &sig).expect_err("signal an exited process");
+    assert_eq!(code_of(&e), ttrpc::Code::NOT_FOUND, "{e:?}");
+    println!("ok: exec in a running container; SIGTERM -> 143");
+
+    // A terminal, resized before the program reads its size.
+    exec(a, "box", "tty", process(&["sh", "-c", "read line; stty size"], true), stdio(true, true, false));
+    let mut input = vm.stream("box", "tty", StreamKind::Stdin);
+    let out = vm.stream("box", "tty", StreamKind::Stdout);
+    start(a, "box", "tty");
+    let resize = ResizePtyRequest { container_id: "box".into(), exec_id: "tty".into(), width: 123, height: 45, ..Default::default() };
+    a.resize_pty(ctx(), &resize).expect("ResizePty");
+    input.write_all(b"go\n").expect("write to the tty");
+    let text = String::from_utf8_lossy(&read_all(out)).into_owned();
+    assert!(text.contains("45 123"), "stty size after resize: {text:?}");
+    assert_eq!(wait(a, "box", "tty"), 0);
+    println!("ok: terminal resize seen by stty ({text:?})");
+
+    // SIGKILL to the init ends the container.
+    let kill = SignalProcessRequest { container_id: "box".into(), signal: 9, ..Default::default() };
+    a.signal_process(ctx(), &kill).expect("SIGKILL");
+    assert_eq!(wait(a, "box", ""), 137);
+    let e = a.exec_process(ctx(), &dup).expect_err("exec in a stopped container");
+    assert!(matches!(code_of(&e), ttrpc::Code::FAILED_PRECONDITION | ttrpc::Code::ALREADY_EXISTS), "{e:?}");
+    remove(a, "box");
+    println!("ok: SIGKILL -> 137");
+}
+
+fn limits_stats_and_remove(vm: &Vm, a: &AgentClient) {
+    // busybox sh gives up when fork fails, so the fork loop runs in a subshell; the
+    // shell then uses builtins only (no fork is left) and execs.
+    let script = "(i=0; while [ $i -lt 60 ]; do sleep 1000 & i=$((i+1)); done) 2>/dev/null; \
+                  read m < /sys/fs/cgroup/pids.max; echo $m; echo forked; exec sleep 1000";
+    create(
+        a,
+        "pids",
+        spec(&["sh", "-c", script], |v| v["linux"]["resources"] = serde_json::json!({"pids": {"limit": 16}})),
+        stdio(false, true, true),
+    );
+    let mut out = vm.stream("pids", "", StreamKind::Stdout);
+    let _err = vm.stream("pids", "", StreamKind::Stderr);
+    start(a, "pids", "");
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !String::from_utf8_lossy(&seen).contains("forked") {
+        let n = out.read(&mut buf).expect("read");
+        assert!(n > 0, "output ended early: {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("16\n"), "{:?}", String::from_utf8_lossy(&seen));
+    let pids = a.list_pids(ctx(), &cref("pids")).expect("ListPids").pids;
+    assert!(pids.len() <= 16 && pids.len() >= 8, "the fork loop stayed bounded: {} pids", pids.len());
+    let stats = a.stats(ctx(), &cref("pids")).expect("Stats");
+    assert_eq!(stats.pids_max, 16);
+    assert!(stats.pids_current <= 16 && stats.pids_current > 0, "{}", stats.pids_current);
+    assert!(stats.memory_current > 0, "memory.current {}", stats.memory_current);
+    assert!(stats.cpu_stat.get("usage_usec").copied().unwrap_or(0) > 0, "{:?}", stats.cpu_stat);
+    println!("ok: pids limit 16 held ({} pids), stats: memory {} B, cpu {:?} us", pids.len(), stats.memory_current, stats.cpu_stat.get("usage_usec"));
+
+    a.pause_container(ctx(), &cref("pids")).expect("Pause");
+    a.resume_container(ctx(), &cref("pids")).expect("Resume");
+    remove(a, "pids");
+    let e = a.stats(ctx(), &cref("pids")).expect_err("Stats after RemoveContainer");
+    assert_eq!(code_of(&e), ttrpc::Code::NOT_FOUND, "{e:?}");
+    // The id is free again, and the shared storage still serves a new container.
+    create(a, "pids", spec(&["true"], |_| {}), stdio(false, false, false));
+    start(a, "pids", "");
+    assert_eq!(wait(a, "pids", ""), 0);
+    remove(a, "pids");
+    println!("ok: pause/resume, remove, and the id reused");
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn agent_runs_containers() {
+    assert!(kvm_boots_linux(), "this test boots Linux and /dev/kvm here cannot; run it through `make test-kvm`");
+    let dir = std::env::temp_dir().join(format!("moat-agent-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let image = make_rootfs_image(&dir);
+    let vm = Vm::boot(&dir, &image);
+    let a = vm.agent();
+    let v = a.version(ctx(), &VersionRequest { host_protocol: PROTOCOL_VERSION, ..Default::default() }).expect("Version");
+    assert_eq!(v.protocol, PROTOCOL_VERSION);
+
+    output_and_status(&vm, &a);
+    stdin_round_trip(&vm, &a);
+    exec_errors(&a);
+    exec_signal_and_terminal(&vm, &a);
+    limits_stats_and_remove(&vm, &a);
+
+    a.shutdown(ctx(), &moat_protocol::Empty::new()).expect("Shutdown");
+    let mut vm = vm;
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = vm.child.try_wait().expect("wait for moat-vmm") {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "the VM did not power off after Shutdown");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "moat-vmm after Shutdown: {status:?}\n{}", vm.console.lock().expect("console"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
