@@ -84,7 +84,7 @@ test-kvm: build guest images
 	  | python3 -c 'import json,sys; [print(m["executable"], m["target"]["name"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]' \
 	  | while read -r exe name; do cp "$$exe" $(BUILD)/test/"$$name"; done
 	@ls $(BUILD)/test | grep -q . || { echo "no integration test binaries were built" >&2; exit 1; }
-	$(TESTHOST) run -- sh -c 'set -e; for t in $(BUILD)/test/*; do echo "=== $$t"; "$$t" --include-ignored --test-threads=1; done'
+	$(TESTHOST) run -- sh -c 'rc=0; for t in $(BUILD)/test/*; do echo "=== $$t"; "$$t" --include-ignored --test-threads=1 || rc=1; done; exit $$rc'
 
 bench-boot: build guest
 	$(TESTHOST) run -- python3 integration/bench_boot.py
