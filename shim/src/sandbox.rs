@@ -313,7 +313,11 @@ impl Sandbox {
         if !vmm_log.is_empty() {
             vmm_log = format!("\nmoat-vmm:\n{vmm_log}");
         }
-        format!("moat-vmm {status}; guest console:\n{}{vmm_log}", tail(&self.console, CONSOLE_TAIL_LINES))
+        let mut console = tail(&self.console, CONSOLE_TAIL_LINES);
+        if console.is_empty() {
+            console = "  (empty)".into();
+        }
+        format!("moat-vmm {status}; guest console:\n{console}{vmm_log}")
     }
 
     fn connect_agent(&mut self, cancel: &Arc<AtomicBool>) -> Result<(), SandboxError> {
@@ -351,7 +355,10 @@ impl Sandbox {
 
     fn console_and_vmm_log(&self) -> String {
         let vmm = tail(&self.dir.join("vmm.log"), 5);
-        let console = tail(&self.console, CONSOLE_TAIL_LINES);
+        let mut console = tail(&self.console, CONSOLE_TAIL_LINES);
+        if console.is_empty() {
+            console = "  (empty)".into();
+        }
         if vmm.is_empty() {
             console
         } else {
@@ -361,13 +368,13 @@ impl Sandbox {
 
     /// Copies the agent's own log into ours (debug level), bounded.
     fn forward_agent_log(&self) {
-        let Ok(stream) = dial(&self.vsock, AGENT_LOG_PORT, Duration::from_secs(5)) else {
-            log::debug!("sandbox {}: no agent log stream", self.id);
-            return;
-        };
-        let id = self.id.clone();
+        let (id, vsock) = (self.id.clone(), self.vsock.clone());
         std::thread::spawn(move || {
             use std::io::BufRead;
+            let Ok(stream) = dial(&vsock, AGENT_LOG_PORT, Duration::from_secs(5)) else {
+                log::debug!("sandbox {id}: no agent log stream");
+                return;
+            };
             let reader = std::io::BufReader::new(stream.take(64 << 20));
             for line in reader.split(b'\n').take(MAX_AGENT_LOG_LINES).map_while(Result::ok) {
                 log::debug!("sandbox {id}: agent: {}", crate::agent::sanitize(&String::from_utf8_lossy(&line)));
