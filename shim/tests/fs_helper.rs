@@ -1,0 +1,91 @@
+//! The fs backend helper (`moat __moat-helper fs JSON`) for real: its mounts exist in
+//! its own mount namespace only, a read-only bind refuses writes, and it exec's the
+//! backend there. A shell script stands in for virtiofsd. Needs root (mounts).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use moat_shim::helper::{FsBackend, HostMount, HELPER_ARG};
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn mounts_live_only_in_the_backend_namespace() {
+    if !is_root() {
+        eprintln!("*** SKIPPED: mounting needs root ***");
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tmp");
+    let d = tmp.path();
+    for sub in ["lower", "upper", "work", "shared/rootfs", "shared/vol/0", "vol"] {
+        std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+    }
+    std::fs::write(d.join("lower/from-image"), b"image\n").expect("lower file");
+    std::fs::write(d.join("vol/keep"), b"host\n").expect("vol file");
+    // The stand-in backend reports what it sees, then signals readiness.
+    let script = d.join("fake-virtiofsd");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nd={}\ncat $d/shared/rootfs/from-image > $d/seen 2>&1\n\
+             echo new > $d/shared/rootfs/written-in-ns\n\
+             if echo x > $d/shared/vol/0/keep 2>/dev/null; then echo vol-writable >> $d/seen; else echo vol-ro >> $d/seen; fi\n\
+             touch $d/fs.sock\nexec sleep 60\n",
+            d.display()
+        ),
+    )
+    .expect("script");
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let cfg = FsBackend {
+        parent_pid: std::process::id() as i32,
+        virtiofsd: script,
+        socket: d.join("fs.sock"),
+        shared: d.join("shared"),
+        mounts: vec![
+            HostMount::Overlay { lower: d.join("lower"), upper: d.join("upper"), work: d.join("work"), target: d.join("shared/rootfs") },
+            HostMount::Bind { source: d.join("vol"), target: d.join("shared/vol/0"), read_only: true },
+        ],
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .arg(HELPER_ARG)
+        .arg("fs")
+        .arg(serde_json::to_string(&cfg).expect("json"))
+        .spawn()
+        .expect("start helper");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.join("fs.sock").exists() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("helper exited early: {st}; saw: {:?}", std::fs::read_to_string(d.join("seen")));
+        }
+        assert!(Instant::now() < deadline, "the stand-in backend never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = std::fs::read_to_string(d.join("seen")).expect("seen");
+    assert_eq!(seen, "image\nvol-ro\n", "what the backend saw");
+    // On the host side nothing is mounted: the write went to the overlay's upper dir.
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mountinfo.contains(&d.display().to_string()), "a helper mount leaked into the host namespace");
+    assert!(!d.join("shared/rootfs/from-image").exists());
+    assert_eq!(std::fs::read(d.join("upper/written-in-ns")).expect("upper"), b"new\n");
+    assert_eq!(std::fs::read(d.join("vol/keep")).expect("vol"), b"host\n");
+    child.kill().expect("kill");
+    child.wait().expect("wait");
+}
+
+#[test]
+fn exec_helper_runs_the_program_and_refuses_orphans() {
+    let out = Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args([HELPER_ARG, "exec", &std::process::id().to_string(), "/bin/echo", "hello"])
+        .output()
+        .expect("run helper");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stdout, b"hello\n");
+    // A parent pid that is not ours: the helper must refuse (it would not die with us).
+    let out = Command::new(env!("CARGO_BIN_EXE_moat")).args([HELPER_ARG, "exec", "1", "/bin/echo", "x"]).output().expect("run");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("parent exited"), "{out:?}");
+    assert!(Path::new("/bin/echo").exists());
+}
