@@ -24,6 +24,10 @@ pub const MAX_MEMORY_MIB: u32 = 256 * 1024;
 pub const MAX_VCPUS: u8 = 64;
 /// Most virtio-blk disks per VM (each takes one of the IO-APIC's free IRQs).
 pub const MAX_DISKS: usize = 16;
+/// Most virtio-fs devices per VM.
+pub const MAX_FS_DEVICES: usize = 8;
+/// Longest virtio-fs tag: the device's config space holds it in 36 bytes.
+pub const MAX_FS_TAG_LEN: usize = 36;
 /// Longest kernel command line the boot protocol carries (x86 `COMMAND_LINE_SIZE`).
 pub const MAX_CMDLINE_LEN: usize = 2048;
 
@@ -71,6 +75,18 @@ pub struct DiskConfig {
     pub read_only: bool,
 }
 
+/// A virtio-fs device whose file system is served by a vhost-user backend
+/// (virtiofsd) listening on `socket`. The guest mounts it with
+/// `mount -t virtiofs <tag> <dir>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FsConfig {
+    /// The name the guest mounts it by: 1 to 36 bytes, no NUL.
+    pub tag: String,
+    /// The backend's vhost-user Unix socket; it must be listening when the VMM starts.
+    pub socket: PathBuf,
+}
+
 /// One microVM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +123,10 @@ pub struct VmConfig {
     /// virtio-blk disks, in order: the guest sees them as vda, vdb, ...
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-fs devices. Any of them makes guest RAM a shared memory file, which
+    /// the backends map.
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
 }
 
 fn default_true() -> bool {
@@ -163,6 +183,14 @@ pub enum ConfigError {
     VsockPath,
     #[error("{0} disks requested; at most {MAX_DISKS} are supported")]
     TooManyDisks(usize),
+    #[error("{0} virtio-fs devices requested; at most {MAX_FS_DEVICES} are supported")]
+    TooManyFs(usize),
+    #[error("virtio-fs tag {0:?} must be 1 to {MAX_FS_TAG_LEN} bytes without NUL")]
+    FsTag(String),
+    #[error("virtio-fs tag {0:?} is given twice")]
+    FsTagTwice(String),
+    #[error("virtio-fs socket path for tag {0:?} is empty")]
+    FsSocketPath(String),
 }
 
 impl Default for VmConfig {
@@ -178,6 +206,7 @@ impl Default for VmConfig {
             huge_pages: true,
             vsock: None,
             disks: Vec::new(),
+            fs: Vec::new(),
         }
     }
 }
@@ -217,12 +246,34 @@ impl VmConfig {
         for d in &self.disks {
             check_disk(&d.path)?;
         }
+        self.check_fs()?;
         if let Some(v) = &self.vsock {
             if v.cid < 3 || v.cid >= u64::from(u32::MAX) {
                 return Err(ConfigError::VsockCid(v.cid));
             }
             if v.uds_path.as_os_str().is_empty() {
                 return Err(ConfigError::VsockPath);
+            }
+        }
+        Ok(())
+    }
+
+    /// virtio-fs entries: a bounded count, valid unique tags, a socket path. Whether the
+    /// socket exists and listens is checked when the VMM connects to it, since the
+    /// backend may be started between validation and boot.
+    fn check_fs(&self) -> Result<(), ConfigError> {
+        if self.fs.len() > MAX_FS_DEVICES {
+            return Err(ConfigError::TooManyFs(self.fs.len()));
+        }
+        for (i, f) in self.fs.iter().enumerate() {
+            if f.tag.is_empty() || f.tag.len() > MAX_FS_TAG_LEN || f.tag.contains('\0') {
+                return Err(ConfigError::FsTag(f.tag.clone()));
+            }
+            if self.fs[..i].iter().any(|g| g.tag == f.tag) {
+                return Err(ConfigError::FsTagTwice(f.tag.clone()));
+            }
+            if f.socket.as_os_str().is_empty() {
+                return Err(ConfigError::FsSocketPath(f.tag.clone()));
             }
         }
         Ok(())
@@ -412,6 +463,27 @@ mod tests {
         assert!(matches!(c.validate(), Err(ConfigError::VsockPath)));
         let c = VmConfig { vsock: Some(VsockConfig { cid: 3, uds_path: "/run/v.sock".into() }), ..config_with(k.path()) };
         c.validate().expect("valid vsock");
+    }
+
+    #[test]
+    fn fs_checks() {
+        let k = kernel_file();
+        let fs = |tag: &str, socket: &str| FsConfig { tag: tag.into(), socket: socket.into() };
+        let with = |v: Vec<FsConfig>| VmConfig { fs: v, ..config_with(k.path()) };
+        with(vec![fs("moatfs", "/run/fs.sock"), fs(&"t".repeat(36), "/run/b.sock")]).validate().expect("valid fs");
+        for bad in ["", "a\0b", &"t".repeat(37)] {
+            let e = with(vec![fs(bad, "/s")]).validate().expect_err("bad tag");
+            assert!(matches!(e, ConfigError::FsTag(_)), "tag {bad:?}: {e}");
+        }
+        let e = with(vec![fs("x", "/a"), fs("x", "/b")]).validate().expect_err("duplicate");
+        assert_eq!(e.to_string(), "virtio-fs tag \"x\" is given twice");
+        assert!(matches!(with(vec![fs("x", "")]).validate(), Err(ConfigError::FsSocketPath(_))));
+        let many = (0..9).map(|i| fs(&format!("t{i}"), "/s")).collect();
+        assert!(matches!(with(many).validate(), Err(ConfigError::TooManyFs(9))));
+        let parsed: VmConfig =
+            serde_json::from_str(r#"{"kernel": "/k", "fs": [{"tag": "moatfs", "socket": "/run/fs.sock"}]}"#).expect("fs json");
+        assert_eq!(parsed.fs, vec![fs("moatfs", "/run/fs.sock")]);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"kernel": "/k", "fs": [{"tag": "a", "socket": "/s", "ro": true}]}"#).is_err());
     }
 
     #[test]
