@@ -15,6 +15,7 @@ use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::{control, i8042, serial, ControlPort, SerialConsole, SerialSink, I8042};
 use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::block::{Block, BlockError};
+use crate::devices::virtio::fs::{self, Fs, FsError};
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::muxer::{Muxer, MuxerError};
 use crate::devices::virtio::vsock::Vsock;
@@ -55,6 +56,13 @@ pub enum BuildError {
     Vsock(#[from] MuxerError),
     #[error(transparent)]
     Disk(#[from] BlockError),
+    #[error("virtio-fs {tag:?}: vhost-user backend at {socket}")]
+    Fs {
+        tag: String,
+        socket: String,
+        #[source]
+        source: FsError,
+    },
     #[error("cannot register a virtio queue notification")]
     Ioeventfd(#[source] kvm_ioctls::Error),
     #[error("no room for more virtio devices")]
@@ -75,7 +83,20 @@ impl TryFrom<VmConfig> for Microvm {
                 SerialSink::file(p).map_err(|e| BuildError::SerialFile(p.display().to_string(), e))?
             }
         };
-        let mut parts = Parts::new(config.vcpus, config.memory_bytes(), config.huge_pages, serial)?;
+        // Backends first: a missing or dead one is a configuration error, found before
+        // any guest memory is committed.
+        let mut fs_devices = Vec::with_capacity(config.fs.len());
+        for f in &config.fs {
+            let fs_err = |source: FsError| BuildError::Fs {
+                tag: f.tag.clone(),
+                socket: f.socket.display().to_string(),
+                source,
+            };
+            let backend = fs::Backend::connect(&f.socket, 2).map_err(|e| fs_err(e.into()))?;
+            fs_devices.push(Fs::new(&f.tag, backend).map_err(fs_err)?);
+        }
+        let backing = memory::Backing { huge_pages: config.huge_pages, shared: !config.fs.is_empty() };
+        let mut parts = Parts::new(config.vcpus, config.memory_bytes(), backing, serial)?;
         parts.seccomp = config.seccomp;
         let mem = &parts.vm.memory().clone();
         let kernel = boot::load_kernel(mem, &config.kernel)?;
@@ -95,6 +116,9 @@ impl TryFrom<VmConfig> for Microvm {
         if let Some(v) = &config.vsock {
             devices.push(Box::new(Vsock::new(v.cid, Muxer::new(&v.uds_path, v.cid)?)));
         }
+        for d in fs_devices {
+            devices.push(Box::new(d));
+        }
         for device in devices {
             let announce = parts.add_virtio(device)?;
             cmdline.insert_str(&announce).map_err(|e| BuildError::Boot(boot::BootError::CmdlineText(e)))?;
@@ -111,7 +135,7 @@ impl Microvm {
     /// included), where booting Linux is not possible. Runs without seccomp, since
     /// `run` would confine the (test harness's) calling thread.
     pub fn with_test_code(code: &[u8], memory_mib: u32, serial: SerialSink) -> Result<Microvm, BuildError> {
-        let parts = Parts::new(1, u64::from(memory_mib) << 20, false, serial)?;
+        let parts = Parts::new(1, u64::from(memory_mib) << 20, memory::Backing { huge_pages: false, shared: false }, serial)?;
         let entry = GuestAddress(0x1000);
         parts.vm.memory().write_slice(code, entry).map_err(BuildError::TestCode)?;
         parts.finish(EntryPoint::Real16(entry))
@@ -132,14 +156,14 @@ struct Parts {
 }
 
 impl Parts {
-    fn new(vcpus: u8, mem_bytes: u64, huge_pages: bool, serial: SerialSink) -> Result<Parts, BuildError> {
+    fn new(vcpus: u8, mem_bytes: u64, backing: memory::Backing, serial: SerialSink) -> Result<Parts, BuildError> {
         let started = crate::started();
         let kvm = vm::open_kvm()?;
         let max = kvm.get_max_vcpus();
         if usize::from(vcpus) > max {
             return Err(BuildError::TooManyVcpus { requested: vcpus, max });
         }
-        let vm = Vm::new(&kvm, memory::create_guest_memory(mem_bytes, huge_pages)?)?;
+        let vm = Vm::new(&kvm, memory::create_guest_memory(mem_bytes, backing)?)?;
         let sink = Arc::new(StopSink::new().map_err(BuildError::EventFd)?);
         let exits = Arc::new(AtomicU64::new(0));
 
@@ -160,7 +184,7 @@ impl Parts {
     /// Puts `device` on the next virtio-mmio slot: its window on the MMIO bus, its IRQ,
     /// an ioeventfd per queue (so a notification does not stop the vCPU in userspace).
     /// Returns the kernel command-line announcement for it.
-    fn add_virtio(&mut self, device: Box<dyn VirtioDevice>) -> Result<String, BuildError> {
+    fn add_virtio(&mut self, mut device: Box<dyn VirtioDevice>) -> Result<String, BuildError> {
         let slot = self.virtio.len() as u64;
         let irq = layout::IRQ_VIRTIO_BASE + slot as u32;
         if irq > layout::IRQ_MAX {
@@ -169,14 +193,17 @@ impl Parts {
         let base = layout::VIRTIO_MMIO_START + slot * layout::VIRTIO_MMIO_SIZE;
         let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
         self.vm.register_irq(&irq_evt, irq)?;
-        let transport = MmioTransport::new(device, self.vm.memory().clone(), Arc::new(IrqLine::new(irq_evt)));
-        let mut queue_evts = Vec::with_capacity(transport.num_queues());
-        for q in 0..transport.num_queues() {
+        let num_queues = device.queue_max_sizes().len();
+        let mut queue_evts = Vec::with_capacity(num_queues);
+        for q in 0..num_queues {
             let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(BuildError::EventFd)?;
             let addr = IoEventAddress::Mmio(base + mmio::REG_QUEUE_NOTIFY);
             self.vm.fd().register_ioevent(&evt, &addr, q as u32).map_err(BuildError::Ioeventfd)?;
             queue_evts.push(evt);
         }
+        // A vhost-user device keeps them for its backend; the main loop polls the rest.
+        let queue_evts = device.take_queue_events(queue_evts);
+        let transport = MmioTransport::new(device, self.vm.memory().clone(), Arc::new(IrqLine::new(irq_evt)));
         let transport = Arc::new(Mutex::new(transport));
         self.mmio.insert(base, layout::VIRTIO_MMIO_SIZE, transport.clone())?;
         self.virtio.push(VirtioSlot { transport, queue_evts });

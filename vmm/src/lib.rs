@@ -257,7 +257,9 @@ fn poll_devices(virtio: &[VirtioSlot], sink: &StopSink, sfd: &SignalFd) -> Resul
                     if more {
                         // RX buffers ran out of budget this round: the RX queue's
                         // eventfd brings the device back.
-                        let _ = virtio[d].queue_evts[0].write(1);
+                        if let Some(evt) = virtio[d].queue_evts.first() {
+                            let _ = evt.write(1);
+                        }
                     }
                 }
             }

@@ -9,11 +9,11 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use moat_config::{check_memory, check_vcpus, DiskConfig, SerialOutput, VmConfig, VsockConfig};
+use moat_config::{check_memory, check_vcpus, DiskConfig, FsConfig, SerialOutput, VmConfig, VsockConfig};
 use moat_vmm::{Microvm, Outcome, StopReason};
 
 const USAGE: &str = "usage: moat-vmm [--config FILE] [--kernel PATH] [--initrd PATH] [--vcpus N] \
-[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--disk PATH[,ro]]... [--vsock UDS_PATH [--vsock-cid N]] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
+[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--disk PATH[,ro]]... [--fs TAG=SOCKET]... [--vsock UDS_PATH [--vsock-cid N]] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
 
 #[derive(Debug)]
 struct UsageError(String);
@@ -31,7 +31,7 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
                 std::process::exit(0);
             }
             "--config" | "--kernel" | "--initrd" | "--vcpus" | "--memory" | "--cmdline" | "--serial" | "--vsock"
-            | "--vsock-cid" | "--disk" => {
+            | "--vsock-cid" | "--disk" | "--fs" => {
                 let value = args.next().ok_or_else(|| UsageError(format!("{arg} needs a value")))?;
                 if arg == "--config" {
                     file = Some(value.into());
@@ -61,6 +61,12 @@ fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Option<VmConfig>
                     None => (value.as_str(), false),
                 };
                 config.disks.push(DiskConfig { path: path.into(), read_only });
+            }
+            "--fs" => {
+                let Some((tag, socket)) = value.split_once('=') else {
+                    return Err(UsageError(format!("--fs wants TAG=SOCKET, got {value:?}")));
+                };
+                config.fs.push(FsConfig { tag: tag.into(), socket: socket.into() });
             }
             "--vsock" => {
                 let cid = config.vsock.as_ref().map_or(3, |v| v.cid);
@@ -137,7 +143,11 @@ fn main() -> ExitCode {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("moat-vmm: {}", error_chain(&e));
-            let code = if matches!(e, moat_vmm::BuildError::Config(_) | moat_vmm::BuildError::Boot(_)) { 2 } else { 1 };
+            // A missing or dead fs backend is a configuration problem too.
+            let code = match e {
+                moat_vmm::BuildError::Config(_) | moat_vmm::BuildError::Boot(_) | moat_vmm::BuildError::Fs { .. } => 2,
+                _ => 1,
+            };
             return ExitCode::from(code);
         }
     };
@@ -189,6 +199,22 @@ mod tests {
                 DiskConfig { path: "/b.img".into(), read_only: true }
             ]
         );
+    }
+
+    #[test]
+    fn fs_flags() {
+        let c = parse_args(args(&["--kernel", "/k", "--fs", "moatfs=/run/a.sock", "--fs", "b=/x=y"]))
+            .expect("parse")
+            .expect("config");
+        assert_eq!(
+            c.fs,
+            vec![
+                FsConfig { tag: "moatfs".into(), socket: "/run/a.sock".into() },
+                FsConfig { tag: "b".into(), socket: "/x=y".into() }
+            ]
+        );
+        let e = parse_args(args(&["--kernel", "/k", "--fs", "/run/a.sock"])).expect_err("no tag").0;
+        assert_eq!(e, "--fs wants TAG=SOCKET, got \"/run/a.sock\"");
     }
 
     #[test]

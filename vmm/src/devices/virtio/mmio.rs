@@ -99,9 +99,10 @@ impl MmioTransport {
         self.active && index < self.queues.len() && self.device.process_queue(index)
     }
 
-    /// The device's host-side fds, polled only while the device is live.
+    /// The device's host-side fds, polled only while the device is live (or always,
+    /// for a device that asks to be).
     pub fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, bool, bool)> {
-        if self.active {
+        if self.active || self.device.polled_while_inactive() {
             self.device.backend_fds()
         } else {
             Vec::new()
@@ -109,7 +110,15 @@ impl MmioTransport {
     }
 
     pub fn backend_ready(&mut self, fd: std::os::fd::RawFd, readable: bool, writable: bool) -> bool {
-        self.active && self.device.backend_ready(fd, readable, writable)
+        if !self.active && !self.device.polled_while_inactive() {
+            return false;
+        }
+        let more = self.device.backend_ready(fd, readable, writable);
+        if self.active && self.status & STATUS_NEEDS_RESET == 0 && self.device.needs_reset() {
+            self.status |= STATUS_NEEDS_RESET;
+            self.irq.trigger(super::INT_CONFIG);
+        }
+        self.active && more
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {

@@ -6,6 +6,7 @@
 //! and validates everything the driver writes before a device sees it.
 
 pub mod block;
+pub mod fs;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
@@ -131,6 +132,23 @@ pub trait VirtioDevice: Send {
     /// One of `backend_fds` is ready. Returns true if queue work is left over (as for
     /// `process_queue`).
     fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _readable: bool, _writable: bool) -> bool {
+        false
+    }
+    /// Offered the eventfds KVM signals when the driver notifies each queue; returns
+    /// those the main loop should poll on the device's behalf (all, by default). A
+    /// device whose queues an external backend serves (vhost-user) keeps them to hand
+    /// them over, and the main loop then leaves them alone.
+    fn take_queue_events(&mut self, evts: Vec<EventFd>) -> Vec<EventFd> {
+        evts
+    }
+    /// Whether `backend_fds` must be polled even while the driver has the device
+    /// stopped (a vhost-user device finishing a reset, or watching its backend).
+    fn polled_while_inactive(&self) -> bool {
+        false
+    }
+    /// The device broke in a way only a reset can clear (a vhost-user backend went
+    /// away): the transport then sets DEVICE_NEEDS_RESET and tells the driver.
+    fn needs_reset(&self) -> bool {
         false
     }
 }
