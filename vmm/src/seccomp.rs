@@ -57,7 +57,10 @@ const COMMON: &[i64] = &[
 /// The main thread additionally polls, reads eventfds and the signalfd, kicks vCPU
 /// threads with a signal, sleeps between kicks, serves disk requests and the vsock muxer's Unix
 /// sockets (accept host connections, connect guest-initiated ones to `<uds>_<port>`,
-/// remove the socket on exit).
+/// remove the socket on exit), and talks vhost-user to virtio-fs backends (sendmsg with
+/// SCM_RIGHTS for the memory and eventfds, recvmsg for replies). The guest-memory memfd,
+/// the backend connections and every eventfd are made before confinement, so neither
+/// memfd_create, ftruncate nor eventfd2 is allowed here.
 const MAIN_EXTRA: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_ppoll,

@@ -57,8 +57,6 @@ enum Op {
 /// The backend is serving the rings.
 struct Running {
     irq: Arc<IrqLine>,
-    calls: Vec<EventFd>,
-    errs: Vec<EventFd>,
 }
 
 pub struct Fs {
@@ -70,6 +68,10 @@ pub struct Fs {
     acked: u64,
     /// The queue-notify ioeventfds KVM signals; the backend's kick fds.
     kicks: Vec<EventFd>,
+    /// Per queue, what the backend signals on completion and on error. Made once
+    /// here, so the confined main thread never needs to create an eventfd.
+    calls: Vec<EventFd>,
+    errs: Vec<EventFd>,
     /// Wakes the main loop to run `ops`.
     pending: EventFd,
     ops: VecDeque<Op>,
@@ -87,7 +89,12 @@ impl Fs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
         let offered = backend.features() & ACCEPTED;
+        let eventfds = || {
+            (0..QUEUE_SIZES.len()).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<Vec<_>, _>>()
+        };
         Ok(Fs {
+            calls: eventfds().map_err(FsError::EventFd)?,
+            errs: eventfds().map_err(FsError::EventFd)?,
             tag: tag.to_string(),
             config,
             backend: Some(backend),
@@ -137,27 +144,28 @@ impl Fs {
             self.stop()?;
         }
         let Some(backend) = self.backend.as_mut() else { return Ok(()) };
-        let eventfds = || {
-            (0..rings.len()).map(|_| EventFd::new(libc::EFD_NONBLOCK)).collect::<Result<Vec<_>, _>>()
-        };
-        let calls = eventfds().map_err(FsError::EventFd)?;
-        let errs = eventfds().map_err(FsError::EventFd)?;
         let fds: Vec<QueueFds<'_>> = (0..rings.len())
-            .filter_map(|i| Some(QueueFds { kick: self.kicks.get(i)?, call: &calls[i], err: &errs[i] }))
+            .filter_map(|i| Some(QueueFds { kick: self.kicks.get(i)?, call: self.calls.get(i)?, err: self.errs.get(i)? }))
             .collect();
         if fds.len() != rings.len() {
             return Err(FsError::EventFd(std::io::Error::other("queue notification eventfds are missing")));
         }
+        // Counts left from an earlier run mean nothing for this one.
+        for e in self.calls.iter().chain(&self.errs) {
+            let _ = e.read();
+        }
         backend.start(self.acked, mem, rings, &fds)?;
         log::debug!("virtio-fs {}: backend serving {} queues", self.tag, rings.len());
-        self.running = Some(Running { irq, calls, errs });
+        self.running = Some(Running { irq });
         Ok(())
     }
 
     fn stop(&mut self) -> Result<(), FsError> {
-        let Some(running) = self.running.take() else { return Ok(()) };
+        if self.running.take().is_none() {
+            return Ok(());
+        }
         if let Some(backend) = self.backend.as_mut() {
-            backend.stop(running.calls.len())?;
+            backend.stop(QUEUE_SIZES.len())?;
         }
         Ok(())
     }
@@ -247,8 +255,8 @@ impl VirtioDevice for Fs {
             // backend hung up (or broke the protocol).
             fds.push((b.as_raw_fd(), true, false));
         }
-        if let Some(r) = &self.running {
-            fds.extend(r.calls.iter().chain(&r.errs).map(|e| (e.as_raw_fd(), true, false)));
+        if self.running.is_some() {
+            fds.extend(self.calls.iter().chain(&self.errs).map(|e| (e.as_raw_fd(), true, false)));
         }
         fds
     }
@@ -263,12 +271,12 @@ impl VirtioDevice for Fs {
         } else if self.backend.as_ref().is_some_and(|b| b.as_raw_fd() == fd) {
             self.fail(&"the backend closed the connection or sent an unexpected message");
         } else if let Some(r) = &self.running {
-            if let Some(call) = r.calls.iter().find(|e| e.as_raw_fd() == fd) {
+            if let Some(call) = self.calls.iter().find(|e| e.as_raw_fd() == fd) {
                 if call.read().is_ok() {
                     r.irq.trigger(INT_VRING);
                 }
-            } else if let Some(q) = r.errs.iter().position(|e| e.as_raw_fd() == fd) {
-                if r.errs[q].read().is_ok() {
+            } else if let Some(q) = self.errs.iter().position(|e| e.as_raw_fd() == fd) {
+                if self.errs[q].read().is_ok() {
                     self.fail(&format!("the backend reported an error on queue {q}"));
                 }
             }
