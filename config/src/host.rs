@@ -70,9 +70,15 @@ pub enum HostConfigError {
 
 impl MoatConfig {
     /// The defaults, with the install-relative paths taken from `prefix_bin`, the
-    /// directory holding the running binary (`<prefix>/bin`).
+    /// directory holding the running binary (`<prefix>/bin`). The guest image is
+    /// `<prefix>/share/moat/`, or, in a build tree (`build/bin` beside `build/guest`
+    /// holding the image while `share/moat` does not), `build/guest/`.
     pub fn defaults(prefix_bin: &Path) -> MoatConfig {
-        let share = normalize(&prefix_bin.join("..").join("share").join("moat"));
+        let mut share = normalize(&prefix_bin.join("..").join("share").join("moat"));
+        let build_tree = normalize(&prefix_bin.join("..").join("guest"));
+        if !share.join("vmlinux").exists() && build_tree.join("vmlinux").exists() {
+            share = build_tree;
+        }
         MoatConfig {
             vmm: prefix_bin.join("moat-vmm"),
             kernel: share.join("vmlinux"),
@@ -188,6 +194,21 @@ mod tests {
         assert_eq!((d.vcpus, d.memory_mib), (1, 256));
         assert_eq!(d.state_dir, Path::new("/run/moat"));
         assert_eq!(d.image_dir, Path::new("/var/lib/moat/images"));
+    }
+
+    #[test]
+    fn a_build_tree_finds_its_guest_beside_bin() {
+        let dir = std::env::temp_dir().join(format!("moat-host-config-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("bin")).expect("bin");
+        std::fs::create_dir_all(dir.join("guest")).expect("guest");
+        assert_eq!(MoatConfig::defaults(&dir.join("bin")).kernel, dir.join("share/moat/vmlinux"), "no image anywhere");
+        std::fs::write(dir.join("guest/vmlinux"), b"k").expect("kernel");
+        let d = MoatConfig::defaults(&dir.join("bin"));
+        assert_eq!((d.kernel, d.initrd), (dir.join("guest/vmlinux"), dir.join("guest/initramfs.cpio.gz")));
+        std::fs::create_dir_all(dir.join("share/moat")).expect("share");
+        std::fs::write(dir.join("share/moat/vmlinux"), b"k").expect("installed kernel");
+        assert_eq!(MoatConfig::defaults(&dir.join("bin")).kernel, dir.join("share/moat/vmlinux"), "an install wins");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
