@@ -24,8 +24,6 @@ pub enum ConnState {
     /// Host-initiated; REQUEST sent to the guest, waiting for its RESPONSE.
     LocalInit,
     Established,
-    /// The host side reached EOF or failed; SHUTDOWN sent, waiting for the guest's RST.
-    Closing,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +58,9 @@ pub struct Connection {
     guest_done_sending: bool,
     /// The guest wants no more data (SHUTDOWN with RCV).
     guest_done_receiving: bool,
+    /// The host side reached EOF: it will send no more, the guest was told so
+    /// (SHUTDOWN with SEND), and the other direction stays open.
+    host_done_sending: bool,
     /// A CREDIT_UPDATE is owed to the guest.
     pub credit_update_due: bool,
 }
@@ -81,6 +82,7 @@ impl Connection {
             rx_pending: false,
             guest_done_sending: false,
             guest_done_receiving: false,
+            host_done_sending: false,
             credit_update_due: false,
         }
     }
@@ -119,7 +121,11 @@ impl Connection {
 
     /// Whether the host socket should be polled for data to send to the guest.
     pub fn wants_host_data(&self) -> bool {
-        self.state == ConnState::Established && !self.rx_pending && !self.guest_done_receiving && self.peer_credit() > 0
+        self.state == ConnState::Established
+            && !self.rx_pending
+            && !self.guest_done_receiving
+            && !self.host_done_sending
+            && self.peer_credit() > 0
     }
 
     /// Whether the host socket should be polled for room to write.
@@ -227,9 +233,15 @@ impl Connection {
         }
     }
 
-    /// Both directions are finished and nothing is left to write.
+    /// The host side reached EOF (see `host_done_sending`).
+    pub fn host_eof(&mut self) {
+        self.host_done_sending = true;
+    }
+
+    /// Both directions are finished and nothing is left to write: the guest will send
+    /// no more, and either it will receive no more or the host has nothing more to say.
     pub fn finished(&self) -> bool {
-        self.guest_done_sending && self.guest_done_receiving && self.tx_buf.is_empty()
+        self.guest_done_sending && self.tx_buf.is_empty() && (self.guest_done_receiving || self.host_done_sending)
     }
 }
 
@@ -320,5 +332,21 @@ mod tests {
         c.guest_shutdown(false, true);
         assert!(c.finished());
         assert!(c.recv_from_guest(b"more").is_err(), "no data after SHUTDOWN(SEND)");
+    }
+
+    #[test]
+    fn host_eof_is_a_half_close() {
+        let (mut c, mut peer) = pair();
+        c.update_peer_credit(&VsockHeader { buf_alloc: 1000, fwd_cnt: 0, ..Default::default() });
+        assert!(c.wants_host_data());
+        c.host_eof();
+        assert!(!c.wants_host_data(), "nothing more to read from the host");
+        assert!(!c.finished(), "the guest may still send");
+        c.recv_from_guest(b"still flowing").expect("guest to host after host EOF");
+        let mut got = [0u8; 13];
+        peer.read_exact(&mut got).expect("read");
+        assert_eq!(&got, b"still flowing");
+        c.guest_shutdown(true, false);
+        assert!(c.finished(), "both sides are done sending");
     }
 }

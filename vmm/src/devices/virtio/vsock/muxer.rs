@@ -92,7 +92,9 @@ impl Muxer {
         };
         if writable {
             let failed = self.conns.get_mut(&key).is_some_and(|c| c.flush_to_host().is_err());
-            if failed {
+            // The last buffered bytes of a connection both sides have shut down.
+            let done = self.conns.get(&key).is_some_and(|c| c.finished());
+            if failed || done {
                 self.reset(key);
                 return;
             }
@@ -175,10 +177,14 @@ impl Muxer {
                 self.rx.push_back((c.header(OP_RW, 0), data));
             }
             Ok(None) => {
-                // The host closed: tell the guest both directions are done and wait
-                // for its RST.
-                c.state = ConnState::Closing;
-                self.rx.push_back((c.header(OP_SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND), Vec::new()));
+                // The host will send no more (it closed, or shut down its writing side:
+                // how a container's stdin reaches EOF). Tell the guest exactly that and
+                // keep carrying its data to the host until it is done sending too.
+                c.host_eof();
+                self.rx.push_back((c.header(OP_SHUTDOWN, SHUTDOWN_SEND), Vec::new()));
+                if c.finished() {
+                    self.reset(key);
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => self.reset(key),
@@ -419,6 +425,74 @@ mod tests {
         assert_eq!(data.expect("RW packet"), b"pong");
         drop(m);
         assert!(!path.exists(), "socket removed with the muxer");
+    }
+
+    /// A host-initiated connection the guest accepted: (muxer, host stream, local port).
+    fn established(tag: &str) -> (Muxer, UnixStream, u32) {
+        let path = tmp(tag);
+        let mut m = Muxer::new(&path, CID).expect("muxer");
+        let mut host = UnixStream::connect(&path).expect("connect");
+        host.write_all(b"CONNECT 1024\n").expect("write");
+        pump(&mut m);
+        pump(&mut m);
+        let local = m.pop_rx().expect("REQUEST").0.src_port;
+        m.from_guest(TxPacket { hdr: guest_hdr(OP_RESPONSE, 1024, local), payload: vec![] });
+        let mut ok = [0u8; 64];
+        let n = host.read(&mut ok).expect("OK line");
+        assert_eq!(&ok[..n], format!("OK {local}\n").as_bytes());
+        (m, host, local)
+    }
+
+    #[test]
+    fn host_eof_half_closes_and_guest_data_keeps_flowing() {
+        let (mut m, mut host, local) = established("halfclose");
+        host.write_all(b"stdin data").expect("write");
+        host.shutdown(std::net::Shutdown::Write).expect("half-close");
+        let mut seen = Vec::new();
+        for _ in 0..10 {
+            pump(&mut m);
+            while let Some((h, p)) = m.pop_rx() {
+                if h.op == OP_RW {
+                    // As the device does once the guest has the bytes.
+                    m.delivered(local, 1024, p.len() as u32, true);
+                }
+                seen.push((h, p));
+            }
+        }
+        let ops: Vec<(u16, u32)> = seen.iter().map(|(h, _)| (h.op, h.flags)).collect();
+        assert_eq!(ops, vec![(OP_RW, 0), (OP_SHUTDOWN, SHUTDOWN_SEND)], "data, then 'host sends no more' once");
+        assert_eq!(seen[0].1, b"stdin data");
+        // The guest still writes to the host (a container's output after its stdin ended).
+        m.from_guest(TxPacket { hdr: guest_hdr(OP_RW, 1024, local), payload: b"output".to_vec() });
+        let mut got = [0u8; 6];
+        host.read_exact(&mut got).expect("guest data after host EOF");
+        assert_eq!(&got, b"output");
+        assert_eq!(m.connections(), 1);
+        // The guest finishes too: the connection ends with an RST and the host sees EOF.
+        m.from_guest(TxPacket {
+            hdr: VsockHeader { flags: SHUTDOWN_SEND | SHUTDOWN_RCV, ..guest_hdr(OP_SHUTDOWN, 1024, local) },
+            payload: vec![],
+        });
+        assert!(std::iter::from_fn(|| m.pop_rx()).any(|(h, _)| h.op == OP_RST), "RST ends it");
+        assert_eq!(m.connections(), 0);
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).expect("EOF");
+        assert!(rest.is_empty());
+    }
+
+    #[test]
+    fn guest_shutdown_of_sending_after_host_eof_finishes() {
+        let (mut m, host, local) = established("halfclose2");
+        host.shutdown(std::net::Shutdown::Write).expect("half-close");
+        m.from_guest(TxPacket { hdr: guest_hdr(OP_CREDIT_UPDATE, 1024, local), payload: vec![] });
+        pump(&mut m);
+        assert_eq!({ m.pop_rx().expect("SHUTDOWN").0.flags }, SHUTDOWN_SEND);
+        m.from_guest(TxPacket {
+            hdr: VsockHeader { flags: SHUTDOWN_SEND, ..guest_hdr(OP_SHUTDOWN, 1024, local) },
+            payload: vec![],
+        });
+        assert_eq!({ m.pop_rx().expect("RST").0.op }, OP_RST);
+        assert_eq!(m.connections(), 0);
     }
 
     #[test]
