@@ -9,6 +9,9 @@
 //! - disks: for each virtio-blk disk, reports its serial, size and read-only flag and
 //!   its first 16 bytes; on a writable disk writes [`DISK_MARK`] at byte 512 and
 //!   flushes; on a read-only one checks that writing fails.
+//! - virtio-fs, when the command line carries `moat.selftest.fs=TAG`: mounts TAG at
+//!   [`FS_MOUNT`], reports the content of `from-host.txt`, writes [`FS_MARK`] to
+//!   `from-guest.txt`, times a 64 MiB write and read, and unmounts.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -23,10 +26,19 @@ const HOST_CID: u32 = 2;
 const ANY_CID: u32 = u32::MAX;
 
 pub const DISK_MARK: &[u8] = b"written by moat-agent\n";
+pub const FS_MOUNT: &str = "/mnt/fs";
+pub const FS_MARK: &[u8] = b"written by moat-agent over virtio-fs\n";
+const FS_BENCH_MIB: usize = 64;
 
 pub fn run() {
     for line in disks() {
         println!("moat-agent: selftest: {line}");
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(tag) = cmdline.split_ascii_whitespace().find_map(|w| w.strip_prefix("moat.selftest.fs=")) {
+        for line in fs_check(tag) {
+            println!("moat-agent: selftest: fs {tag}: {line}");
+        }
     }
     match crate::init::hwrng_selftest(Duration::from_secs(20)) {
         Ok(n) => println!("moat-agent: selftest: read {n} bytes from /dev/hwrng"),
@@ -108,4 +120,70 @@ fn disk_report(name: &str) -> String {
         (Err(e), false) => format!("write failed: {e}"),
     };
     format!("disk {name} serial {serial} sectors {sectors} ro {} starts \"{start}\" {wrote}", u8::from(ro))
+}
+
+/// Mounts the virtio-fs `tag` and exercises it both ways; one report line per step.
+fn fs_check(tag: &str) -> Vec<String> {
+    use nix::mount::{mount, umount, MsFlags};
+    let mut out = Vec::new();
+    if let Err(e) = std::fs::create_dir_all(FS_MOUNT) {
+        return vec![format!("cannot create {FS_MOUNT}: {e}")];
+    }
+    if let Err(e) = mount(Some(tag), FS_MOUNT, Some("virtiofs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>) {
+        return vec![format!("mount failed: {e}")];
+    }
+    out.push(format!("mounted at {FS_MOUNT}"));
+    let dir = std::path::Path::new(FS_MOUNT);
+    match std::fs::read(dir.join("from-host.txt")) {
+        Ok(b) => out.push(format!("from-host.txt reads \"{}\"", String::from_utf8_lossy(&b).escape_debug())),
+        Err(e) => out.push(format!("from-host.txt read failed: {e}")),
+    }
+    let write = std::fs::File::create(dir.join("from-guest.txt")).and_then(|mut f| f.write_all(FS_MARK).and_then(|_| f.sync_all()));
+    out.push(match write {
+        Ok(()) => "from-guest.txt written".to_string(),
+        Err(e) => format!("from-guest.txt write failed: {e}"),
+    });
+    out.push(match fs_bench(&dir.join("bench.bin")) {
+        Ok((w, r)) => format!("{FS_BENCH_MIB} MiB sequential write {w:.1} MB/s, read {r:.1} MB/s (page cache dropped)"),
+        Err(e) => format!("bench failed: {e}"),
+    });
+    let _ = std::fs::remove_file(dir.join("bench.bin"));
+    out.push(match umount(FS_MOUNT) {
+        Ok(()) => "unmounted".to_string(),
+        Err(e) => format!("unmount failed: {e}"),
+    });
+    out
+}
+
+/// Writes then reads back a file in 1 MiB blocks; MB/s of each (1 MB = 10^6 bytes).
+fn fs_bench(path: &std::path::Path) -> std::io::Result<(f64, f64)> {
+    use std::io::Read;
+    let block = vec![0x5au8; 1 << 20];
+    let start = std::time::Instant::now();
+    let mut f = std::fs::File::create(path)?;
+    for _ in 0..FS_BENCH_MIB {
+        f.write_all(&block)?;
+    }
+    f.sync_all()?;
+    drop(f);
+    let write = start.elapsed().as_secs_f64();
+    // Read from the host, not from the guest's page cache.
+    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+    let start = std::time::Instant::now();
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0usize;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+    }
+    let read = start.elapsed().as_secs_f64();
+    if total != FS_BENCH_MIB << 20 {
+        return Err(std::io::Error::other(format!("read back {total} bytes")));
+    }
+    let mb = (FS_BENCH_MIB << 20) as f64 / 1e6;
+    Ok((mb / write, mb / read))
 }
