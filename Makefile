@@ -30,7 +30,7 @@ deps: $(BUILD)/.deps
 $(BUILD)/.deps: Makefile $(TESTHOST)
 	@if ! apt-cache policy linux-source-6.1 2>/dev/null | grep -q Candidate; then apt-get update -qq; fi
 	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
-	  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3 busybox-static >/dev/null
+	  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3 busybox-static qemu-system-common >/dev/null
 	$(TESTHOST) deps
 	@mkdir -p $(BUILD) && touch $@
 

@@ -480,3 +480,98 @@ fn agent_api_version_over_vsock() {
     assert_eq!(status.code(), Some(143));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// --- virtio-fs: virtiofsd shares a host directory, the guest reads and writes it ---
+
+/// Debian's virtiofsd (package qemu-system-common; `make deps` installs it).
+const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
+
+/// Starts virtiofsd on `share`, serving at `sock`; returns once it listens.
+fn start_virtiofsd(share: &Path, sock: &Path) -> Child {
+    assert!(Path::new(VIRTIOFSD).exists(), "{VIRTIOFSD} is missing: install qemu-system-common (make deps)");
+    let _ = std::fs::remove_file(sock);
+    let mut child = Command::new(VIRTIOFSD)
+        .arg(format!("--socket-path={}", sock.display()))
+        .args(["-o", &format!("source={}", share.display()), "-o", "cache=auto"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {VIRTIOFSD}: {e}"));
+    let start = Instant::now();
+    while !sock.exists() {
+        let exited = child.try_wait().expect("wait for virtiofsd");
+        if exited.is_some() || start.elapsed() > Duration::from_secs(20) {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut err = String::new();
+            let _ = child.stderr.take().expect("virtiofsd stderr").read_to_string(&mut err);
+            panic!("virtiofsd did not create {} ({exited:?}):\n{err}", sock.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn virtio_fs_both_directions() {
+    require_kvm_that_boots_linux();
+    let dir = std::env::temp_dir().join(format!("moat-fs-test-{}", std::process::id()));
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).expect("share dir");
+    std::fs::write(share.join("from-host.txt"), "hello from the host\n").expect("host file");
+    let sock = dir.join("fs.sock");
+    let mut args = boot_args(1, 256, "moat.selftest moat.selftest.fs=moatfs moat.poweroff");
+    args.extend(["--fs".into(), format!("moatfs={}", sock.display())]);
+    // virtiofsd serves one connection, so each attempt (see run_vmm) gets its own.
+    let mut run = None;
+    for attempt in 1..=2 {
+        let mut fsd = start_virtiofsd(&share, &sock);
+        let mut child = spawn(&args);
+        let status = wait_with_timeout(&mut child, BOOT_TIMEOUT);
+        // The VMM is gone, so the vhost-user connection is closed: virtiofsd must exit.
+        let fsd_status = wait_with_timeout(&mut fsd, Duration::from_secs(20));
+        match status {
+            Some(status) => {
+                run = Some((collect(child, status), fsd_status, fsd));
+                break;
+            }
+            None => eprintln!("*** moat-vmm {args:?} timed out (attempt {attempt}); retrying once ***"),
+        }
+    }
+    let (r, fsd_status, mut fsd) = run.expect("moat-vmm timed out twice");
+    let mut fsd_err = String::new();
+    let _ = fsd.stderr.take().expect("virtiofsd stderr").read_to_string(&mut fsd_err);
+    assert!(r.status.success(), "{:?}\n{}\n{}\nvirtiofsd:\n{fsd_err}", r.status, r.stdout, r.stderr);
+    let report = |what: &str| format!("moat-agent: selftest: fs moatfs: {what}");
+    assert!(r.stdout.contains(&report("mounted at /mnt/fs")), "{}", r.stdout);
+    assert!(r.stdout.contains(&report(r#"from-host.txt reads "hello from the host\n""#)), "{}", r.stdout);
+    assert!(r.stdout.contains(&report("from-guest.txt written")), "{}", r.stdout);
+    assert!(r.stdout.contains(&report("unmounted")), "{}", r.stdout);
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest.txt")).expect("the guest's file is on the host"),
+        "written by moat-agent over virtio-fs\n"
+    );
+    assert!(!share.join("bench.bin").exists(), "the guest removed its bench file");
+    assert!(fsd_status.is_some(), "virtiofsd still running after the VM stopped\n{fsd_err}");
+    if let Some(line) = r.stdout.lines().find(|l| l.contains("sequential write")) {
+        println!("{line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn missing_fs_socket_is_named() {
+    let kernel = artifact("vmlinux").display().to_string();
+    let r = bad(&["--kernel", &kernel, "--fs", "moatfs=/nonexistent/fs.sock"]);
+    assert_refused(&r, 2, "virtio-fs \"moatfs\": vhost-user backend at /nonexistent/fs.sock: vhost-user socket /nonexistent/fs.sock is not usable");
+    // A socket nobody listens on any more.
+    let dir = std::env::temp_dir().join(format!("moat-fs-dead-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let sock = dir.join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&sock).expect("bind"));
+    let r = bad(&["--kernel", &kernel, "--fs", &format!("moatfs={}", sock.display())]);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_refused(&r, 2, &format!("cannot connect to the vhost-user backend at {}", sock.display()));
+}
