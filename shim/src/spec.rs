@@ -163,7 +163,9 @@ pub fn build(image: &ImageConfig, rootfs: &Path, guest_root: &str, opts: &SpecOp
         mounts.push(json!({"destination": m.destination, "type": "bind", "source": m.source, "options": options}));
     }
     let mut linux = json!({
-        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+        // No network namespace: the guest has no NIC and the VM is the boundary. A
+        // cgroup namespace, as Docker on cgroup v2: /sys/fs/cgroup is the container's own.
+        "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}],
         "maskedPaths": [
             "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
             "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
@@ -262,7 +264,7 @@ mod tests {
         assert_eq!(s["root"], json!({"path": "/run/moat/shared/rootfs", "readonly": false}));
         assert_eq!(s["hostname"], "box");
         let ns: Vec<&str> = s["linux"]["namespaces"].as_array().expect("ns").iter().map(|n| n["type"].as_str().expect("type")).collect();
-        assert_eq!(ns, ["pid", "ipc", "uts", "mount"]);
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "cgroup"]);
         let dests: Vec<&str> = s["mounts"].as_array().expect("mounts").iter().map(|m| m["destination"].as_str().expect("dest")).collect();
         assert_eq!(dests, ["/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys", "/sys/fs/cgroup"]);
         assert!(s["linux"]["resources"].get("pids").is_none());
