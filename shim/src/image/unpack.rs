@@ -46,6 +46,8 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
     archive.set_overwrite(true);
     // Paths written by this layer: an opaque whiteout hides everything else.
     let mut written: HashSet<PathBuf> = HashSet::new();
+    // Opaque directories, by name: cleared at the end, after later entries of this
+    // layer may have replaced them (or a parent) with a symlink.
     let mut opaque: Vec<PathBuf> = Vec::new();
     for entry in archive.entries().map_err(UnpackError::Read)? {
         let mut entry = entry.map_err(UnpackError::Read)?;
@@ -60,7 +62,7 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
         let parent = resolve(root, parent_rel, true).map_err(entry_err)?;
         let file_str = file_name.to_string_lossy();
         if file_str == OPAQUE_WHITEOUT {
-            opaque.push(parent);
+            opaque.push(parent_rel.to_path_buf());
             continue;
         }
         if let Some(hidden) = file_str.strip_prefix(WHITEOUT_PREFIX) {
@@ -102,11 +104,16 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
             log::debug!("layer entry {name:?}: skipping entry type {kind:?}");
         }
     }
-    for dir in opaque {
-        clear_opaque(&dir, &written).map_err(|source| UnpackError::Entry {
-            name: format!("{}/{OPAQUE_WHITEOUT}", dir.display()),
-            source,
-        })?;
+    for rel in opaque {
+        let opaque_err = |source| UnpackError::Entry { name: format!("{}/{OPAQUE_WHITEOUT}", rel.display()), source };
+        // Resolve again now: the path seen when the marker was read may since lead
+        // through a symlink, which the host would follow out of the root.
+        let dir = resolve(root, &rel, false).map_err(opaque_err)?;
+        match dir.symlink_metadata() {
+            Ok(m) if m.is_dir() => clear_opaque(&dir, &written).map_err(opaque_err)?,
+            // Gone, or no longer a directory: nothing below it to hide.
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -393,6 +400,23 @@ pub(crate) mod tests {
         // A whiteout through a symlink to the outside deletes nothing there.
         f.apply(&[E::Symlink("o", f.outside.to_str().expect("utf-8")), E::File("o/.wh.victim", b"")]).expect("whiteout");
         assert!(f.apply(&[E::File("a/.wh...", b"")]).is_err());
+        f.outside_untouched();
+    }
+
+    #[test]
+    fn opaque_dir_replaced_by_a_symlink_later_in_the_layer_stays_inside() {
+        let f = fixture();
+        let out = f.outside.to_str().expect("utf-8").to_string();
+        // The opaque marker names d/ while it is a plain (missing) directory; a later
+        // entry of the same layer turns d into a symlink to the outside.
+        f.apply(&[E::File("d/.wh..wh..opq", b""), E::Symlink("d", &out)]).expect("apply");
+        assert!(f.outside.join("victim").exists(), "opaque whiteout emptied the outside");
+        // Same through a parent component: a/b is opaque, then a becomes a symlink.
+        std::fs::create_dir(f.outside.join("b")).expect("outside/b");
+        std::fs::write(f.outside.join("b/victim2"), b"precious").expect("victim2");
+        f.apply(&[E::Dir("a/"), E::Dir("a/b/"), E::File("a/b/.wh..wh..opq", b""), E::Symlink("a", &out)]).expect("apply");
+        assert_eq!(std::fs::read(f.outside.join("b/victim2")).expect("outside/b/victim2 survives"), b"precious");
+        std::fs::remove_dir_all(f.outside.join("b")).expect("cleanup");
         f.outside_untouched();
     }
 
