@@ -397,9 +397,15 @@ mod cache {
     //! The unpacked-image cache: `<dir>/<hex>/rootfs`, built under a per-image flock
     //! in a temporary directory and renamed into place, so a reader never sees half
     //! an image and a crashed unpack leaves only a temp dir the next one removes.
+    //!
+    //! `<dir>/<hex>` is mode 0700: an image's setuid binaries and device nodes are
+    //! unpacked as the image says, and no other host user may reach them.
 
     use super::*;
     use nix::fcntl::{Flock, FlockArg};
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+    const PRIVATE: u32 = 0o700;
 
     pub fn unpack_cached(
         dir: &Path,
@@ -408,7 +414,11 @@ mod cache {
     ) -> Result<PathBuf, ImageError> {
         let hex = digest_hex(digest)?;
         let io = |what: String| move |source| ImageError::Io { what, source };
-        std::fs::create_dir_all(dir).map_err(io(format!("cannot create image cache {}", dir.display())))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PRIVATE)
+            .create(dir)
+            .map_err(io(format!("cannot create image cache {}", dir.display())))?;
         let lock_path = dir.join(format!("{hex}.lock"));
         let lock_file = File::options()
             .create(true)
@@ -422,6 +432,9 @@ mod cache {
         let rootfs = done.join("rootfs");
         if rootfs.is_dir() {
             log::debug!("image {digest}: using the cached unpack in {}", done.display());
+            // An unpack made before the cache was private.
+            std::fs::set_permissions(&done, std::fs::Permissions::from_mode(PRIVATE))
+                .map_err(io(format!("cannot chmod {}", done.display())))?;
             return Ok(rootfs);
         }
         let tmp = dir.join(format!("tmp-{hex}"));
@@ -430,8 +443,11 @@ mod cache {
             std::fs::remove_dir_all(&tmp).map_err(io(format!("cannot remove stale {}", tmp.display())))?;
         }
         let tmp_root = tmp.join("rootfs");
-        std::fs::create_dir_all(&tmp_root).map_err(io(format!("cannot create {}", tmp_root.display())))?;
-        std::fs::set_permissions(&tmp_root, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        std::fs::DirBuilder::new().mode(PRIVATE).create(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
+        // The mode given to mkdir is masked by the umask; the result must be exact.
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PRIVATE)).map_err(io(format!("cannot chmod {}", tmp.display())))?;
+        std::fs::create_dir(&tmp_root).map_err(io(format!("cannot create {}", tmp_root.display())))?;
+        std::fs::set_permissions(&tmp_root, std::fs::Permissions::from_mode(0o755))
             .map_err(io(format!("cannot chmod {}", tmp_root.display())))?;
         log::info!("image {digest}: unpacking into {}", done.display());
         if let Err(e) = fill(&tmp_root) {

@@ -204,3 +204,19 @@ fn plain_directory_is_used_as_is() {
     assert!(img.is_plain_dir() && img.config == ImageConfig::default());
     assert!(!tmp.path().join("cache").exists());
 }
+
+#[test]
+fn unpacked_images_are_private_to_root() {
+    use std::os::unix::fs::PermissionsExt;
+    // Layers may hold setuid binaries and device nodes: no other host user may reach
+    // them through the cache.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tarball = tmp.path().join("img.tar");
+    write_tar(&tarball, &docker_save_files());
+    let img = prepare(&tarball, &tmp.path().join("cache")).expect("prepare");
+    let image_dir = img.rootfs.parent().expect("image dir");
+    let mode = std::fs::metadata(image_dir).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "{} is mode {mode:o}", image_dir.display());
+    let cache_mode = std::fs::metadata(tmp.path().join("cache")).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(cache_mode & 0o022, 0, "cache dir is writable by others: {cache_mode:o}");
+}
