@@ -15,6 +15,11 @@ const TYPE_VSOCK: u32 = 19;
 const QUEUE_SIZES: &[u16] = &[256, 256, 64];
 const RX: usize = 0;
 const TX: usize = 1;
+/// Packets waiting for RX buffers past which TX packets are left on their queue.
+/// Every TX packet may call for an answer (an RST to an unknown port, a credit
+/// update, a RESPONSE): a guest that keeps sending but never posts RX buffers must
+/// fill its own TX ring, not the VMM's heap.
+const MAX_RX_BACKLOG: usize = 512;
 
 struct Live {
     mem: GuestMemoryMmap,
@@ -27,16 +32,29 @@ pub struct Vsock {
     cid: u64,
     muxer: Muxer,
     live: Option<Live>,
+    /// TX processing stopped at `MAX_RX_BACKLOG`; it resumes once RX drains.
+    tx_stalled: bool,
 }
 
 impl Vsock {
     pub fn new(cid: u64, muxer: Muxer) -> Vsock {
-        Vsock { cid, muxer, live: None }
+        Vsock { cid, muxer, live: None, tx_stalled: false }
+    }
+
+    fn rx_backlog_full(&self) -> bool {
+        self.muxer.rx_len() >= MAX_RX_BACKLOG
+    }
+
+    /// TX was held back and the backlog has drained below the limit since.
+    fn tx_resumable(&self) -> bool {
+        self.tx_stalled && !self.rx_backlog_full()
     }
 
     /// Takes up to a queue's worth of packets the guest queued on TX; true if more
-    /// are waiting.
+    /// are waiting. Stops early (without asking to be called again) while too many
+    /// packets wait for RX buffers.
     fn process_tx(&mut self) -> bool {
+        self.tx_stalled = false;
         let Some(live) = self.live.as_mut() else { return false };
         let mut used = false;
         let mut budget = live.tx.size();
@@ -44,6 +62,10 @@ impl Vsock {
         loop {
             if budget == 0 {
                 more = true;
+                break;
+            }
+            if self.muxer.rx_len() >= MAX_RX_BACKLOG {
+                self.tx_stalled = true;
                 break;
             }
             budget -= 1;
@@ -138,16 +160,19 @@ impl VirtioDevice for Vsock {
     fn process_queue(&mut self, index: usize) -> bool {
         let more_tx = match index {
             TX => self.process_tx(),
+            // New RX buffers may be what TX was held back for.
+            RX if self.tx_stalled => self.process_tx(),
             RX => false,
             // The event queue only ever holds buffers for events moat never sends.
             _ => return false,
         };
         let more_rx = self.deliver_rx();
-        more_tx || more_rx
+        more_tx || more_rx || self.tx_resumable()
     }
 
     fn reset(&mut self) {
         self.live = None;
+        self.tx_stalled = false;
         self.muxer.reset_all();
     }
 
@@ -157,6 +182,107 @@ impl VirtioDevice for Vsock {
 
     fn backend_ready(&mut self, fd: RawFd, readable: bool, writable: bool) -> bool {
         self.muxer.ready(fd, readable, writable);
-        self.deliver_rx()
+        // "More" brings the device back through its RX queue, which resumes TX.
+        self.deliver_rx() || self.tx_resumable()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::devices::virtio::vsock::connection::HOST_CID;
+    use crate::devices::virtio::vsock::packet::{VsockHeader, HEADER_LEN, OP_REQUEST, OP_RST, TYPE_STREAM};
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    const SIZE: u16 = 16;
+    const F_WRITE: u16 = 2;
+
+    /// A guest driver's view of one split queue (descriptors at `at`, the avail ring
+    /// 4 KiB above, the used ring 8 KiB above): posts one-descriptor chains and counts
+    /// what the device used.
+    struct GuestQueue<'a> {
+        mem: &'a GuestMemoryMmap,
+        at: u64,
+        posted: u16,
+    }
+
+    impl<'a> GuestQueue<'a> {
+        fn new(mem: &'a GuestMemoryMmap, at: u64) -> Self {
+            for off in [0x1000, 0x2000] {
+                mem.write_obj(0u32, GuestAddress(at + off)).expect("ring flags and idx");
+            }
+            GuestQueue { mem, at, posted: 0 }
+        }
+        fn queue(&self) -> Queue {
+            let mut q = Queue::new(SIZE).expect("queue");
+            q.set_size(SIZE);
+            q.set_ready(true);
+            let (d, a, u) = (self.at, self.at + 0x1000, self.at + 0x2000);
+            q.set_desc_table_address(Some(d as u32), Some((d >> 32) as u32));
+            q.set_avail_ring_address(Some(a as u32), Some((a >> 32) as u32));
+            q.set_used_ring_address(Some(u as u32), Some((u >> 32) as u32));
+            q
+        }
+        fn used(&self) -> u16 {
+            self.mem.read_obj(GuestAddress(self.at + 0x2002)).expect("used idx")
+        }
+        /// Posts buffers into every free slot.
+        fn refill(&mut self, buf: impl Fn(u16) -> (u64, u32, u16)) {
+            let free = SIZE - self.posted.wrapping_sub(self.used());
+            for _ in 0..free {
+                let slot = self.posted % SIZE;
+                let (addr, len, flags) = buf(slot);
+                let desc = RawDescriptor::from(Descriptor::new(addr, len, flags, 0));
+                self.mem.write_obj(desc, GuestAddress(self.at + 16 * u64::from(slot))).expect("desc");
+                self.mem.write_obj(slot, GuestAddress(self.at + 0x1004 + 2 * u64::from(slot))).expect("avail entry");
+                self.posted = self.posted.wrapping_add(1);
+                self.mem.write_obj(self.posted, GuestAddress(self.at + 0x1002)).expect("avail idx");
+            }
+        }
+    }
+
+    #[test]
+    fn a_guest_that_never_reads_cannot_grow_the_rx_backlog() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mut rx = GuestQueue::new(&mem, 0);
+        let mut tx = GuestQueue::new(&mem, 0x1_0000);
+        let event = GuestQueue::new(&mem, 0x2_0000);
+        let path = std::env::temp_dir().join(format!("moat-vsock-dev-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut dev = Vsock::new(3, Muxer::new(&path, 3).expect("muxer"));
+        let queues = vec![rx.queue(), tx.queue(), event.queue()];
+        let irq = Arc::new(IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+        dev.activate(Activation { mem: mem.clone(), queues, irq }).expect("activate");
+        // Each TX packet asks for a port nobody listens on: each earns an RST.
+        for slot in 0..SIZE {
+            let hdr = VsockHeader {
+                src_cid: 3,
+                dst_cid: HOST_CID,
+                src_port: 5000 + u32::from(slot),
+                dst_port: 7,
+                type_: TYPE_STREAM,
+                op: OP_REQUEST,
+                ..Default::default()
+            };
+            mem.write_obj(hdr, GuestAddress(0x10_0000 + 0x100 * u64::from(slot))).expect("hdr");
+        }
+        let tx_buf = |slot: u16| (0x10_0000 + 0x100 * u64::from(slot), HEADER_LEN as u32, 0);
+        for _ in 0..(4 * MAX_RX_BACKLOG / usize::from(SIZE)) {
+            tx.refill(tx_buf);
+            dev.process_queue(TX);
+        }
+        assert!(dev.muxer.rx_len() <= MAX_RX_BACKLOG, "{} packets queued for a guest that posts no RX buffers", dev.muxer.rx_len());
+        // Once the guest reads again, the held-back TX packets are taken.
+        let taken = tx.used();
+        let rx_buf = |slot: u16| (0x20_0000 + 0x100 * u64::from(slot), 0x100, F_WRITE);
+        for _ in 0..8 {
+            rx.refill(rx_buf);
+            while dev.process_queue(RX) {}
+        }
+        assert_ne!(tx.used(), taken, "TX stayed stalled after RX drained");
+        let first: VsockHeader = mem.read_obj(GuestAddress(0x20_0000)).expect("rx hdr");
+        assert_eq!({ first.op }, OP_RST);
     }
 }

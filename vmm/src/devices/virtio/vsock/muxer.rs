@@ -344,6 +344,11 @@ impl Muxer {
         !self.rx.is_empty()
     }
 
+    /// Packets waiting for the guest's RX buffers.
+    pub fn rx_len(&self) -> usize {
+        self.rx.len()
+    }
+
     pub fn connections(&self) -> usize {
         self.conns.len()
     }
