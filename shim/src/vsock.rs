@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest handshake reply we read ("OK 4294967295\n" is 14 bytes).
 const MAX_REPLY: usize = 32;
@@ -30,9 +30,10 @@ pub enum DialError {
     },
 }
 
-/// Opens a stream to guest port `port`; the handshake gets `timeout`, the stream
-/// itself has none.
+/// Opens a stream to guest port `port`; the whole handshake gets `timeout`, the
+/// stream itself has none.
 pub fn dial(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, DialError> {
+    let deadline = Instant::now() + timeout;
     let mut s = UnixStream::connect(uds).map_err(|source| DialError::Connect { path: uds.display().to_string(), source })?;
     let io = |source| DialError::Io { port, source };
     s.set_read_timeout(Some(timeout)).map_err(io)?;
@@ -42,6 +43,13 @@ pub fn dial(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, Dial
     let mut reply = Vec::with_capacity(MAX_REPLY);
     let mut b = [0u8; 1];
     loop {
+        // One deadline for the whole reply: a peer dribbling a byte at a time must
+        // not stretch the handshake to MAX_REPLY timeouts.
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io(std::io::Error::from(std::io::ErrorKind::TimedOut)));
+        }
+        s.set_read_timeout(Some(left)).map_err(io)?;
         match s.read(&mut b) {
             Ok(0) => return Err(DialError::Refused { port }),
             Ok(_) => {}
@@ -95,6 +103,26 @@ mod tests {
         let mut rest = String::new();
         s.read_to_string(&mut rest).expect("rest");
         assert_eq!(rest, "payload");
+    }
+
+    #[test]
+    fn a_dribbled_reply_gets_one_deadline() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("v.sock");
+        let l = UnixListener::bind(&path).expect("bind");
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().expect("accept");
+            // Each byte well inside the per-read timeout, the whole line well past it.
+            for b in b"OK 1073741824\n" {
+                std::thread::sleep(Duration::from_millis(60));
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+            }
+        });
+        let r = dial(&path, 5, Duration::from_millis(300));
+        assert!(matches!(&r, Err(DialError::Io { source, .. }) if source.kind() == std::io::ErrorKind::TimedOut || source.kind() == std::io::ErrorKind::WouldBlock), "{r:?}");
+        h.join().expect("server");
     }
 
     #[test]
