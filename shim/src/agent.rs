@@ -22,6 +22,9 @@ pub const SIGNAL_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_MESSAGE: usize = 512;
 /// Longest version string accepted.
 const MAX_VERSION_STRING: usize = 128;
+/// Most pids a ListPids answer may hold (the guest's pid_max is far above any sane
+/// container; this bounds what a hostile agent can make us allocate and forward).
+pub const MAX_PIDS: usize = 1 << 16;
 
 /// Why an agent call failed, by the agent's status code.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -158,6 +161,41 @@ impl Agent {
 
     pub fn close_stdin(&self, p: &ProcessId) -> Result<(), AgentError> {
         self.client.close_stdin(ctx(CALL_TIMEOUT), &p.to_ref()).map(drop).map_err(|e| map_err("CloseStdin", Some(CALL_TIMEOUT), e))
+    }
+
+    pub fn exec_process(&self, req: &proto::ExecProcessRequest) -> Result<(), AgentError> {
+        self.client.exec_process(ctx(SLOW_CALL_TIMEOUT), req).map(drop).map_err(|e| map_err("ExecProcess", Some(SLOW_CALL_TIMEOUT), e))
+    }
+
+    pub fn stats(&self, container: &str) -> Result<proto::StatsResponse, AgentError> {
+        let req = proto::ContainerRef { container_id: container.to_string(), ..Default::default() };
+        self.client.stats(ctx(CALL_TIMEOUT), &req).map_err(|e| map_err("Stats", Some(CALL_TIMEOUT), e))
+    }
+
+    /// Guest pids of the container's processes (at most [`MAX_PIDS`]).
+    pub fn list_pids(&self, container: &str) -> Result<Vec<u32>, AgentError> {
+        let req = proto::ContainerRef { container_id: container.to_string(), ..Default::default() };
+        let r = self.client.list_pids(ctx(CALL_TIMEOUT), &req).map_err(|e| map_err("ListPids", Some(CALL_TIMEOUT), e))?;
+        if r.pids.len() > MAX_PIDS {
+            return Err(AgentError::BadAnswer { call: "ListPids", what: format!("{} pids", r.pids.len()) });
+        }
+        r.pids.iter().map(|&p| check_pid(p).map_err(|_| AgentError::BadAnswer { call: "ListPids", what: format!("pid {p}") })).collect()
+    }
+
+    pub fn pause(&self, container: &str) -> Result<(), AgentError> {
+        let req = proto::ContainerRef { container_id: container.to_string(), ..Default::default() };
+        self.client.pause_container(ctx(CALL_TIMEOUT), &req).map(drop).map_err(|e| map_err("PauseContainer", Some(CALL_TIMEOUT), e))
+    }
+
+    pub fn resume(&self, container: &str) -> Result<(), AgentError> {
+        let req = proto::ContainerRef { container_id: container.to_string(), ..Default::default() };
+        self.client.resume_container(ctx(CALL_TIMEOUT), &req).map(drop).map_err(|e| map_err("ResumeContainer", Some(CALL_TIMEOUT), e))
+    }
+
+    /// Applies an OCI `linux.resources` object (JSON).
+    pub fn update(&self, container: &str, resources: Vec<u8>) -> Result<(), AgentError> {
+        let req = proto::UpdateContainerRequest { container_id: container.to_string(), resources, ..Default::default() };
+        self.client.update_container(ctx(CALL_TIMEOUT), &req).map(drop).map_err(|e| map_err("UpdateContainer", Some(CALL_TIMEOUT), e))
     }
 
     pub fn remove_container(&self, container: &str) -> Result<(), AgentError> {

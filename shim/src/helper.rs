@@ -5,10 +5,12 @@
 //! calls, then execs the real program.
 //!
 //! - `exec PARENT PROG ARGS...`: dies with PARENT (PR_SET_PDEATHSIG), then execs PROG.
-//!   Used for moat-vmm, so a SIGKILLed `moat` takes its VM with it.
-//! - `fs JSON`: unshares a private mount namespace, makes the sandbox's host mounts
+//!   Used for moat-vmm, so a SIGKILLed `moat` takes its VM with it. PARENT 0: no tie.
+//! - `fs JSON`: unshares a mount namespace of its own, makes the sandbox's host mounts
 //!   (overlay rootfs, bind volumes) inside it, then execs virtiofsd there. The mounts
-//!   exist only in that namespace and vanish with virtiofsd, whatever kills it.
+//!   exist only in that namespace and vanish with virtiofsd, whatever kills it. The
+//!   namespace's `/` is a slave of the caller's: mounts the caller makes later under a
+//!   shared mount (the shim's container roots) still reach virtiofsd.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -92,14 +94,18 @@ fn run(args: &[std::ffi::OsString]) -> Result<std::convert::Infallible, HelperEr
     match mode {
         "exec" => {
             let parent: i32 = args.get(1).and_then(|a| a.to_str()).and_then(|a| a.parse().ok()).ok_or(HelperError::Usage)?;
-            die_with_parent(parent)?;
+            if parent != 0 {
+                die_with_parent(parent)?;
+            }
             let prog = args.get(2).ok_or(HelperError::Usage)?;
             exec(Path::new(prog), &args[2..])
         }
         "fs" => {
             let json = args.get(1).and_then(|a| a.to_str()).ok_or(HelperError::Usage)?;
             let cfg: FsBackend = serde_json::from_str(json)?;
-            die_with_parent(cfg.parent_pid)?;
+            if cfg.parent_pid != 0 {
+                die_with_parent(cfg.parent_pid)?;
+            }
             make_mounts(&cfg.mounts)?;
             let argv = virtiofsd_args(&cfg);
             exec(&cfg.virtiofsd, &argv)
@@ -163,9 +169,10 @@ pub fn overlay_options(lower: &Path, upper: &Path, work: &Path) -> Result<String
 
 fn make_mounts(mounts: &[HostMount]) -> Result<(), HelperError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(sys("cannot create a mount namespace (moat run needs root)"))?;
-    // Nothing we mount may propagate back to the host's namespace.
-    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
-        .map_err(sys("cannot make / private in the helper's mount namespace"))?;
+    // Nothing we mount may propagate back to the caller's namespace (slave: one way),
+    // while what the caller mounts later under a shared mount still reaches us.
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
+        .map_err(sys("cannot make / a slave mount in the helper's mount namespace"))?;
     for m in mounts {
         match m {
             HostMount::Overlay { lower, upper, work, target } => {

@@ -4,16 +4,26 @@
 //! [`image`] turns an image into a root directory, [`spec`] builds the OCI runtime
 //! spec the agent reads, [`sandbox`] starts the fs backend and the VMM and dials the
 //! agent, [`agent`] and [`stdio`] talk to it, and [`run`] ties them into `moat run`.
-//! Nothing here knows containerd.
+//! For a container manager, [`pod`] runs containers from OCI bundles ([`oci`],
+//! [`mounts`]) in one shared sandbox, tracks each process with the [`task`] state
+//! machine and copies its stdio to the manager's FIFOs ([`fifo`]); [`procs`] records
+//! the host processes so a dead owner's sandbox can be cleaned up.
+//! Nothing here knows containerd: only the `containerd-shim-moat-v2` binary does.
 #![forbid(unsafe_code)]
 
 pub mod image;
 pub mod spec;
 pub mod user;
 pub mod agent;
+pub mod fifo;
 pub mod helper;
+pub mod mounts;
+pub mod oci;
+pub mod pod;
+pub mod procs;
 pub mod run;
 pub mod sandbox;
 pub mod stdio;
+pub mod task;
 pub mod tty;
 pub mod vsock;

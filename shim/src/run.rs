@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 
 use crate::agent::{AgentError, ProcessId};
 use crate::image::{self, ImageError};
-use crate::sandbox::{RootSource, Sandbox, SandboxError, SandboxSpec, Volume, FS_TAG, GUEST_SHARED};
+use crate::sandbox::{Lifetime, RootSource, Sandbox, SandboxError, SandboxSpec, Volume, FS_TAG, GUEST_SHARED};
 use crate::spec::{self, BindMount, SpecError, SpecOptions};
 use crate::stdio::{copy_in, copy_out, open_stream};
 use crate::vsock::DialError;
@@ -188,8 +188,9 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
         id: id.clone(),
         vcpus: opts.vcpus.unwrap_or(cfg.vcpus),
         memory_mib: opts.memory_mib.unwrap_or(cfg.memory_mib),
-        root,
+        root: Some(root),
         volumes: volumes.iter().map(|(h, _, ro)| Volume { host: h.clone(), read_only: *ro }).collect(),
+        lifetime: Lifetime::TiedToCaller,
     };
     let mut sandbox = Sandbox::start(cfg, &sandbox_spec, &cancel).map_err(|e| interrupted(e.into()))?;
     let result = run_in(&mut sandbox, &id, &oci, &cmd, opts, tx, &rx, &cancel, &started);

@@ -2,12 +2,21 @@
 //! directory, a microVM, and the agent inside it.
 //!
 //! `<state_dir>/<id>/` holds a lock file (flocked while the sandbox lives), the VM's
-//! config, vsock and fs sockets, logs, and `shared/` (`rootfs`, `vol/N`), which the
-//! guest mounts as one virtio-fs. Host mounts live only in the fs backend's private
-//! mount namespace; the backend and the VMM die with the process that started them
-//! (PR_SET_PDEATHSIG); a directory whose lock is free belongs to a dead run and is
-//! removed by the next start. Dropping a [`Sandbox`] stops everything and removes
-//! the directory.
+//! config, vsock and fs sockets, logs, the pids of its host processes ([`procs`]),
+//! and `shared/`, which the guest mounts as one virtio-fs.
+//!
+//! Two lifetimes ([`Lifetime`]):
+//! - `moat run` ties the sandbox to itself: `shared/` holds `rootfs` and `vol/N`,
+//!   mounted only in the fs backend's private mount namespace, and the backend and
+//!   the VMM die with the process that started them (PR_SET_PDEATHSIG).
+//! - The containerd shim detaches it: containers come and go while the VM runs, so
+//!   the shim mounts their roots under `shared/` later, from its own private mount
+//!   namespace, and `shared/` is made a shared mount that the fs backend's namespace
+//!   receives them from. The VMM and the backend are not tied to the shim.
+//!
+//! A directory whose lock is free belongs to a dead owner: the next start (or
+//! `containerd-shim-moat-v2 delete`) stops its recorded processes and removes it.
+//! Dropping a [`Sandbox`] stops everything and removes the directory.
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
@@ -21,11 +30,13 @@ use std::time::{Duration, Instant};
 use moat_config::{MoatConfig, SerialOutput, VmConfig, VsockConfig};
 use moat_protocol::{AGENT_API_PORT, AGENT_LOG_PORT};
 use nix::fcntl::{Flock, FlockArg};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::agent::{Agent, AgentError};
 use crate::helper::{FsBackend, HostMount, HELPER_ARG};
+use crate::procs;
 use crate::vsock::{dial, DialError};
 
 /// The virtio-fs tag of the sandbox's shared directory.
@@ -62,14 +73,29 @@ pub struct Volume {
     pub read_only: bool,
 }
 
+/// Who keeps a sandbox's host processes alive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lifetime {
+    /// The VMM and the fs backend die with the caller (`moat run`).
+    TiedToCaller,
+    /// They outlive the caller, which mounts container roots under `shared/` later.
+    /// The caller must run in a mount namespace of its own (the shim unshares one
+    /// before it starts any thread): `shared/` becomes a shared mount there.
+    /// PR_SET_PDEATHSIG is not used: it fires when the *thread* that forked exits,
+    /// and a shim's ttrpc worker threads come and go.
+    Detached,
+}
+
 /// How to build a sandbox.
 #[derive(Clone, Debug)]
 pub struct SandboxSpec {
     pub id: String,
     pub vcpus: u8,
     pub memory_mib: u32,
-    pub root: RootSource,
+    /// Mounted as `shared/rootfs` before the VM starts (None: the caller mounts roots).
+    pub root: Option<RootSource>,
     pub volumes: Vec<Volume>,
+    pub lifetime: Lifetime,
 }
 
 /// Why a sandbox could not start.
@@ -114,6 +140,9 @@ pub struct Sandbox {
     fs: Option<Child>,
     agent: Option<Agent>,
     vmm_status: Option<ExitStatus>,
+    lifetime: Lifetime,
+    /// `shared/` is bind-mounted on itself (Detached): unmount it on stop.
+    shared_mounted: bool,
     _lock: Flock<File>,
 }
 
@@ -131,11 +160,37 @@ pub fn remove_stale(state_dir: &Path) {
         };
         if stale {
             log::info!("sandbox {}: removing the state of a run that died", e.file_name().to_string_lossy());
-            if let Err(err) = std::fs::remove_dir_all(&dir) {
-                log::warn!("cannot remove stale {}: {err}", dir.display());
+            if let Err(err) = remove_dead(&dir) {
+                log::warn!("{err}");
             }
         }
     }
+}
+
+/// Cleans up the state dir of a sandbox whose owner died: stops its recorded host
+/// processes (the VMM, the fs backend; host mounts of the sandbox live only in their
+/// mount namespaces and vanish with them) and removes the dir. The caller holds the
+/// dir's lock or knows it is free.
+pub fn remove_dead(dir: &Path) -> Result<(), SandboxError> {
+    let left = procs::kill_recorded(dir, Duration::from_secs(10));
+    if let Some(r) = left.first() {
+        return Err(SandboxError::Io {
+            what: format!("{}: {} (pid {}) survived SIGKILL", dir.display(), r.name, r.pid),
+            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        });
+    }
+    // Where the owner mounted shared/ in the host's namespace by mistake, do not
+    // descend into a mount: detach it first.
+    let shared = dir.join("shared");
+    let _ = umount2(&shared, MntFlags::MNT_DETACH);
+    std::fs::remove_dir_all(dir).map_err(io_err(format!("cannot remove {}", dir.display())))
+}
+
+/// Takes the lock of a sandbox's state dir if its owner is gone; None if it lives
+/// (or there is no such dir).
+pub fn lock_if_dead(dir: &Path) -> Option<Flock<File>> {
+    let f = File::options().write(true).open(dir.join("lock")).ok()?;
+    Flock::lock(f, FlockArg::LockExclusiveNonblock).ok()
 }
 
 impl Sandbox {
@@ -171,6 +226,8 @@ impl Sandbox {
             fs: None,
             agent: None,
             vmm_status: None,
+            lifetime: spec.lifetime,
+            shared_mounted: false,
             _lock: lock,
         };
         // On error, Drop tears down whatever was started.
@@ -190,14 +247,48 @@ impl Sandbox {
         self.dir.join("shared")
     }
 
+    /// The pid of the VMM process (while it runs).
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vmm.as_ref().map(Child::id)
+    }
+
+    /// The pid the helpers take as the parent to die with; 0: none (Detached).
+    fn parent_pid(&self) -> u32 {
+        match self.lifetime {
+            Lifetime::TiedToCaller => std::process::id(),
+            Lifetime::Detached => 0,
+        }
+    }
+
+    /// Makes `shared/` a mount of its own with shared propagation, so that mounts made
+    /// under it later (in the caller's private namespace) propagate into the fs
+    /// backend's namespace, whose `/` is a slave of the caller's, and on into
+    /// virtiofsd's sandbox (also a slave). Nothing propagates back.
+    fn share_shared(&mut self) -> Result<(), SandboxError> {
+        let shared = self.shared();
+        let sys = |what: String| move |e: nix::Error| SandboxError::Io { what, source: e.into() };
+        mount(Some(&shared), &shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(sys(format!("cannot bind {} on itself", shared.display())))?;
+        self.shared_mounted = true;
+        mount(None::<&str>, &shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+            .map_err(sys(format!("cannot make {} a shared mount", shared.display())))
+    }
+
     fn start_fs(&mut self, cfg: &MoatConfig, spec: &SandboxSpec) -> Result<(), SandboxError> {
         let shared = self.shared();
-        let rootfs = shared.join("rootfs");
         let mkdir = |p: &Path| std::fs::create_dir_all(p).map_err(io_err(format!("cannot create {}", p.display())));
-        mkdir(&rootfs)?;
+        mkdir(&shared)?;
+        if self.lifetime == Lifetime::Detached {
+            self.share_shared()?;
+        }
         let mut mounts = Vec::new();
+        let rootfs = shared.join("rootfs");
+        if spec.root.is_some() {
+            mkdir(&rootfs)?;
+        }
         match &spec.root {
-            RootSource::Image { rootfs: lower, read_only: false } => {
+            None => {}
+            Some(RootSource::Image { rootfs: lower, read_only: false }) => {
                 let (upper, work) = (self.dir.join("upper"), self.dir.join("work"));
                 mkdir(&upper)?;
                 mkdir(&work)?;
@@ -207,7 +298,7 @@ impl Sandbox {
                 }
                 mounts.push(HostMount::Overlay { lower: lower.clone(), upper, work, target: rootfs.clone() });
             }
-            RootSource::Image { rootfs: path, read_only } | RootSource::Dir { path, read_only } => {
+            Some(RootSource::Image { rootfs: path, read_only }) | Some(RootSource::Dir { path, read_only }) => {
                 mounts.push(HostMount::Bind { source: path.clone(), target: rootfs.clone(), read_only: *read_only });
             }
         }
@@ -224,7 +315,7 @@ impl Sandbox {
         }
         let socket = self.dir.join("fs.sock");
         let backend = FsBackend {
-            parent_pid: std::process::id() as i32,
+            parent_pid: self.parent_pid() as i32,
             virtiofsd: cfg.virtiofsd.clone(),
             socket: socket.clone(),
             shared,
@@ -243,7 +334,9 @@ impl Sandbox {
             .stderr(log)
             .spawn()
             .map_err(io_err("cannot start the virtio-fs backend helper"))?;
+        let pid = child.id();
         self.fs = Some(child);
+        procs::record(&self.dir, "virtiofsd", pid).map_err(io_err("cannot record the virtio-fs backend's pid"))?;
         let deadline = Instant::now() + FS_START_TIMEOUT;
         while !socket.exists() {
             if let Some(fs) = self.fs.as_mut() {
@@ -280,7 +373,7 @@ impl Sandbox {
         let child = Command::new(exe)
             .arg(HELPER_ARG)
             .arg("exec")
-            .arg(std::process::id().to_string())
+            .arg(self.parent_pid().to_string())
             .arg(&cfg.vmm)
             .arg("--config")
             .arg(&vm_json)
@@ -289,8 +382,10 @@ impl Sandbox {
             .stderr(log)
             .spawn()
             .map_err(io_err(format!("cannot start {}", cfg.vmm.display())))?;
-        log::debug!("sandbox {}: moat-vmm pid {}", self.id, child.id());
+        let pid = child.id();
+        log::debug!("sandbox {}: moat-vmm pid {pid}", self.id);
         self.vmm = Some(child);
+        procs::record(&self.dir, "moat-vmm", pid).map_err(io_err("cannot record the VMM's pid"))?;
         Ok(())
     }
 
@@ -407,6 +502,12 @@ impl Sandbox {
             // virtiofsd exits when its VMM disconnects.
             stop_child(&mut fs, "virtiofsd", &self.id, Duration::from_secs(2));
         }
+        if std::mem::take(&mut self.shared_mounted) {
+            // Detaches whatever the caller left mounted below it, too.
+            if let Err(e) = umount2(&self.shared(), MntFlags::MNT_DETACH) {
+                log::warn!("sandbox {}: cannot unmount {}: {e}", self.id, self.shared().display());
+            }
+        }
         if self.dir.exists() {
             if let Err(e) = std::fs::remove_dir_all(&self.dir) {
                 log::warn!("sandbox {}: cannot remove {}: {e}", self.id, self.dir.display());
@@ -502,8 +603,9 @@ mod tests {
             id: id.into(),
             vcpus: 1,
             memory_mib: 128,
-            root: RootSource::Dir { path: d.path().into(), read_only: true },
+            root: Some(RootSource::Dir { path: d.path().into(), read_only: true }),
             volumes: vec![],
+            lifetime: Lifetime::TiedToCaller,
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let e = Sandbox::start(&cfg, &spec("../x"), &cancel).err().expect("bad id");
