@@ -40,7 +40,7 @@ build: deps
 	$(CARGO) build --release --locked -p moat-vmm -p moat-shim
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-agent --target $(HOST_TRIPLE)
 	@mkdir -p $(BIN)
-	cp target/release/moat-vmm target/release/moat $(BIN)/
+	cp target/release/moat-vmm target/release/moat target/release/containerd-shim-moat-v2 $(BIN)/
 	cp target/$(HOST_TRIPLE)/release/moat-agent $(BIN)/
 
 guest: build
@@ -59,6 +59,7 @@ $(IMAGES)/.stamp: integration/mkimage.py $(BUILD)/.deps
 install: build guest
 	install -D -m 0755 $(BIN)/moat-vmm $(DESTDIR)$(PREFIX)/bin/moat-vmm
 	install -D -m 0755 $(BIN)/moat $(DESTDIR)$(PREFIX)/bin/moat
+	install -D -m 0755 $(BIN)/containerd-shim-moat-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-moat-v2
 	install -D -m 0644 $(GUEST)/vmlinux $(DESTDIR)$(SHAREDIR)/vmlinux
 	install -D -m 0644 $(GUEST)/bzImage $(DESTDIR)$(SHAREDIR)/bzImage
 	install -D -m 0644 $(GUEST)/initramfs.cpio.gz $(DESTDIR)$(SHAREDIR)/initramfs.cpio.gz
