@@ -7,11 +7,13 @@
 //! removed outside the root. Whiteouts (`.wh.NAME`, `.wh..wh..opq`) follow the OCI
 //! image spec.
 
+use std::cell::Cell;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
 use nix::unistd::{fchownat, Gid, Uid};
@@ -20,6 +22,10 @@ const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_WHITEOUT: &str = ".wh..wh..opq";
 /// Most symlinks followed while resolving one path (Linux's own limit).
 const MAX_SYMLINKS: usize = 40;
+/// Most bytes read to find one entry: its header blocks and the long names and PAX
+/// records before it, which the tar reader holds in memory whole (a gzip layer of a
+/// few KiB could otherwise claim a long name of gigabytes).
+const MAX_ENTRY_HEADERS: u64 = 4 << 20;
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +44,8 @@ pub enum UnpackError {
 
 /// Applies one layer read from `layer` (an uncompressed tar) onto `root`.
 pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
-    let mut archive = tar::Archive::new(layer);
+    let budget = Rc::new(Cell::new(u64::MAX));
+    let mut archive = tar::Archive::new(HeaderBudget { inner: layer, left: budget.clone() });
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
@@ -49,60 +56,18 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
     // Opaque directories, by name: cleared at the end, after later entries of this
     // layer may have replaced them (or a parent) with a symlink.
     let mut opaque: Vec<PathBuf> = Vec::new();
-    for entry in archive.entries().map_err(UnpackError::Read)? {
+    let mut entries = archive.entries().map_err(UnpackError::Read)?;
+    loop {
+        // Finding the next entry reads its headers, long names and PAX records into
+        // memory; only that step is bounded.
+        budget.set(MAX_ENTRY_HEADERS);
+        let next = entries.next();
+        budget.set(u64::MAX);
+        let Some(entry) = next else { break };
         let mut entry = entry.map_err(UnpackError::Read)?;
-        let raw = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw).into_owned();
-        let entry_err = |source| UnpackError::Entry { name: name.clone(), source };
-        let rel = clean_path(&raw).ok_or_else(|| UnpackError::Hostile { name: name.clone(), what: "path leaves the root" })?;
-        let Some(file_name) = rel.file_name().map(OsStr::to_os_string) else {
-            continue; // the root itself ("./")
-        };
-        let parent_rel = rel.parent().unwrap_or(Path::new(""));
-        let parent = resolve(root, parent_rel, true).map_err(entry_err)?;
-        let file_str = file_name.to_string_lossy();
-        if file_str == OPAQUE_WHITEOUT {
-            opaque.push(parent_rel.to_path_buf());
-            continue;
-        }
-        if let Some(hidden) = file_str.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() || hidden == "." || hidden == ".." {
-                return Err(UnpackError::Hostile { name, what: "whiteout names nothing" });
-            }
-            remove_any(&parent.join(hidden)).map_err(entry_err)?;
-            continue;
-        }
-        std::fs::create_dir_all(&parent).map_err(entry_err)?;
-        let dst = parent.join(&file_name);
-        let kind = entry.header().entry_type();
-        // A layer replaces whatever was there, except that a directory stays a
-        // directory (its lower contents survive unless whited out).
-        if let Ok(meta) = dst.symlink_metadata() {
-            if !(kind.is_dir() && meta.is_dir()) {
-                remove_any(&dst).map_err(entry_err)?;
-            }
-        }
-        written.insert(dst.clone());
-        if kind.is_hard_link() {
-            let target = entry
-                .link_name_bytes()
-                .and_then(|t| clean_path(&t))
-                .ok_or_else(|| UnpackError::Hostile { name: name.clone(), what: "hard link target leaves the root" })?;
-            let target_parent = resolve(root, target.parent().unwrap_or(Path::new("")), true).map_err(entry_err)?;
-            let source = match target.file_name() {
-                Some(f) => target_parent.join(f),
-                None => return Err(UnpackError::Hostile { name, what: "hard link to the root" }),
-            };
-            std::fs::hard_link(&source, &dst).map_err(entry_err)?;
-        } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
-            make_node(&entry, &dst).map_err(entry_err)?;
-        } else if kind.is_dir() || kind.is_file() || kind.is_symlink() || kind.is_contiguous() {
-            entry.unpack(&dst).map_err(entry_err)?;
-        } else if kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions() {
-            continue; // consumed by the tar reader
-        } else {
-            log::debug!("layer entry {name:?}: skipping entry type {kind:?}");
-        }
+        apply_entry(root, &mut entry, &mut written, &mut opaque)?;
+        // Whatever data the entry has left is skipped here, not inside next().
+        std::io::copy(&mut entry, &mut std::io::sink()).map_err(UnpackError::Read)?;
     }
     for rel in opaque {
         let opaque_err = |source| UnpackError::Entry { name: format!("{}/{OPAQUE_WHITEOUT}", rel.display()), source };
@@ -116,6 +81,89 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
         }
     }
     Ok(())
+}
+
+/// Applies one entry of a layer.
+fn apply_entry<R: Read>(
+    root: &Path,
+    entry: &mut tar::Entry<'_, R>,
+    written: &mut HashSet<PathBuf>,
+    opaque: &mut Vec<PathBuf>,
+) -> Result<(), UnpackError> {
+    let raw = entry.path_bytes().into_owned();
+    let name = String::from_utf8_lossy(&raw).into_owned();
+    let entry_err = |source| UnpackError::Entry { name: name.clone(), source };
+    let rel = clean_path(&raw).ok_or_else(|| UnpackError::Hostile { name: name.clone(), what: "path leaves the root" })?;
+    let Some(file_name) = rel.file_name().map(OsStr::to_os_string) else {
+        return Ok(()); // the root itself ("./")
+    };
+    let parent_rel = rel.parent().unwrap_or(Path::new(""));
+    let parent = resolve(root, parent_rel, true).map_err(entry_err)?;
+    let file_str = file_name.to_string_lossy();
+    if file_str == OPAQUE_WHITEOUT {
+        opaque.push(parent_rel.to_path_buf());
+        return Ok(());
+    }
+    if let Some(hidden) = file_str.strip_prefix(WHITEOUT_PREFIX) {
+        if hidden.is_empty() || hidden == "." || hidden == ".." {
+            return Err(UnpackError::Hostile { name, what: "whiteout names nothing" });
+        }
+        return remove_any(&parent.join(hidden)).map_err(entry_err);
+    }
+    std::fs::create_dir_all(&parent).map_err(entry_err)?;
+    let dst = parent.join(&file_name);
+    let kind = entry.header().entry_type();
+    // A layer replaces whatever was there, except that a directory stays a
+    // directory (its lower contents survive unless whited out).
+    if let Ok(meta) = dst.symlink_metadata() {
+        if !(kind.is_dir() && meta.is_dir()) {
+            remove_any(&dst).map_err(entry_err)?;
+        }
+    }
+    written.insert(dst.clone());
+    if kind.is_hard_link() {
+        let target = entry
+            .link_name_bytes()
+            .and_then(|t| clean_path(&t))
+            .ok_or_else(|| UnpackError::Hostile { name: name.clone(), what: "hard link target leaves the root" })?;
+        let target_parent = resolve(root, target.parent().unwrap_or(Path::new("")), true).map_err(entry_err)?;
+        let source = match target.file_name() {
+            Some(f) => target_parent.join(f),
+            None => return Err(UnpackError::Hostile { name, what: "hard link to the root" }),
+        };
+        std::fs::hard_link(&source, &dst).map_err(entry_err)?;
+    } else if kind.is_character_special() || kind.is_block_special() || kind.is_fifo() {
+        make_node(entry, &dst).map_err(entry_err)?;
+    } else if kind.is_dir() || kind.is_file() || kind.is_symlink() || kind.is_contiguous() {
+        entry.unpack(&dst).map_err(entry_err)?;
+    } else if kind.is_gnu_longname() || kind.is_gnu_longlink() || kind.is_pax_local_extensions() {
+        // consumed by the tar reader
+    } else {
+        log::debug!("layer entry {name:?}: skipping entry type {kind:?}");
+    }
+    Ok(())
+}
+
+/// Reads through `R` while `left` allows; `left` is lowered by what passes.
+struct HeaderBudget<R> {
+    inner: R,
+    left: Rc<Cell<u64>>,
+}
+
+impl<R: Read> Read for HeaderBudget<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left.get();
+        if left == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("an entry's headers, long names and PAX records exceed {MAX_ENTRY_HEADERS} bytes"),
+            ));
+        }
+        let max = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+        let n = self.inner.read(&mut buf[..max])?;
+        self.left.set(left - n as u64);
+        Ok(n)
+    }
 }
 
 /// An entry name as a relative path of normal components, or None if it climbs out
@@ -418,6 +466,43 @@ pub(crate) mod tests {
         assert_eq!(std::fs::read(f.outside.join("b/victim2")).expect("outside/b/victim2 survives"), b"precious");
         std::fs::remove_dir_all(f.outside.join("b")).expect("cleanup");
         f.outside_untouched();
+    }
+
+    #[test]
+    fn a_huge_long_name_is_refused_before_it_is_read() {
+        let f = fixture();
+        // A GNU long-name record claiming 256 MiB: zeros compress to almost nothing,
+        // and the tar reader would hold them all in memory.
+        let mut h = tar::Header::new_gnu();
+        set_raw(&mut h.as_old_mut().name, "././@LongLink");
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(256 << 20);
+        h.set_cksum();
+        let rest = tar_of(&[E::File("x", b"x")]);
+        let layer = std::io::Read::chain(&h.as_bytes()[..], std::io::repeat(b'a').take(256 << 20)).chain(&rest[..]);
+        let e = apply_layer(&f.root, layer).expect_err("oversized long name");
+        assert!(matches!(e, UnpackError::Read(_)), "wrong error: {:.200}", e.to_string());
+        // Big file data is not a header: it still goes through.
+        let big = vec![7u8; (MAX_ENTRY_HEADERS as usize) * 2];
+        f.apply(&[E::File("big", &big)]).expect("a big file");
+        assert_eq!(std::fs::metadata(f.root.join("big")).expect("big").len(), big.len() as u64);
+        // Data of an entry type that is skipped is skipped outside the budget too.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::new(b'Z'));
+        h.set_size(big.len() as u64);
+        h.set_cksum();
+        b.append_data(&mut h, "odd", &big[..]).expect("append");
+        let mut h = tar::Header::new_gnu();
+        h.set_size(2);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append_data(&mut h, "after", &b"ok"[..]).expect("append");
+        apply_layer(&f.root, &b.into_inner().expect("tar")[..]).expect("skipped big entry");
+        assert_eq!(std::fs::read(f.root.join("after")).expect("after"), b"ok");
     }
 
     #[test]
