@@ -363,6 +363,42 @@ fn exec_signal_and_terminal(vm: &Vm, a: &AgentClient) {
     println!("ok: SIGKILL -> 137");
 }
 
+/// 20 execs in one container at once, each with its own output stream and status:
+/// every stream must carry exactly its own process's bytes, in order.
+fn twenty_concurrent_execs(vm: &Vm, a: &AgentClient) {
+    create(a, "many", spec(&["sleep", "1000"], |_| {}), stdio(false, false, false));
+    start(a, "many", "");
+    const LINES: usize = 500;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let a = a.clone();
+                scope.spawn(move || {
+                    let eid = format!("x{i}");
+                    let script = format!("i=0; while [ $i -lt {LINES} ]; do echo {eid}-$i; i=$((i+1)); done; exit {i}");
+                    let process = serde_json::json!({"args": ["sh", "-c", script], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}});
+                    exec(&a, "many", &eid, process, stdio(false, true, false));
+                    let out = vm.stream("many", &eid, StreamKind::Stdout);
+                    start(&a, "many", &eid);
+                    let text = String::from_utf8(read_all(out)).expect("utf-8");
+                    let status = wait(&a, "many", &eid);
+                    let want: String = (0..LINES).map(|n| format!("{eid}-{n}\n")).collect();
+                    assert!(text == want, "exec {eid}: output differs ({} bytes, want {})", text.len(), want.len());
+                    assert_eq!(status, i, "exec {eid}: status");
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("exec thread");
+        }
+    });
+    let kill = SignalProcessRequest { container_id: "many".into(), signal: 9, all: true, ..Default::default() };
+    a.signal_process(ctx(), &kill).expect("SIGKILL all");
+    assert_eq!(wait(a, "many", ""), 137);
+    remove(a, "many");
+    println!("ok: 20 concurrent execs, each output exact and each status its own");
+}
+
 fn limits_stats_and_remove(vm: &Vm, a: &AgentClient) {
     // busybox sh gives up when fork fails, so the fork loop runs in a subshell; the
     // shell then uses builtins only (no fork is left) and execs.
@@ -424,6 +460,7 @@ fn agent_runs_containers() {
     stdin_round_trip(&vm, &a);
     exec_errors(&a);
     exec_signal_and_terminal(&vm, &a);
+    twenty_concurrent_execs(&vm, &a);
     limits_stats_and_remove(&vm, &a);
 
     a.shutdown(ctx(), &moat_protocol::Empty::new()).expect("Shutdown");
