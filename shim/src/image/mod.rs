@@ -18,6 +18,9 @@ use source::Source;
 
 /// Largest manifest, index or config blob read into memory.
 const MAX_METADATA: u64 = 4 << 20;
+/// Most bytes an image may unpack to, all layers together: a compressed layer is
+/// small on the wire, and a decompression bomb must not fill the host's disk.
+pub const MAX_IMAGE_BYTES: u64 = 64 << 30;
 /// How deep nested OCI indexes may go.
 const MAX_INDEX_DEPTH: usize = 4;
 
@@ -344,7 +347,28 @@ impl<R> Hashing<R> {
     }
 }
 
+/// Reads through `R`, failing once more than `left` bytes (shared across layers) passed.
+struct Capped<'a, R> {
+    inner: R,
+    left: &'a mut u64,
+}
+
+impl<R: Read> Read for Capped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        *self.left = self.left.checked_sub(n as u64).ok_or_else(|| {
+            std::io::Error::other(format!("the image unpacks to more than {MAX_IMAGE_BYTES} bytes"))
+        })?;
+        Ok(n)
+    }
+}
+
 fn apply_all(source: &Source, layers: &[Layer], root: &Path) -> Result<(), ImageError> {
+    apply_all_capped(source, layers, root, MAX_IMAGE_BYTES)
+}
+
+fn apply_all_capped(source: &Source, layers: &[Layer], root: &Path, cap: u64) -> Result<(), ImageError> {
+    let mut left = cap;
     for layer in layers {
         let label = layer.blob_digest.as_ref().map(|(d, _)| d.clone()).unwrap_or_else(|| layer.name.clone());
         let compression = match layer.compression {
@@ -359,7 +383,7 @@ fn apply_all(source: &Source, layers: &[Layer], root: &Path) -> Result<(), Image
                 Compression::None => Box::new(&mut blob),
                 Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
             };
-            let mut diff = Hashing::new(decoded);
+            let mut diff = Hashing::new(Capped { inner: decoded, left: &mut left });
             unpack::apply_layer(root, &mut diff).map_err(|source| ImageError::Layer { layer: label.clone(), source })?;
             // The tar's end marker may come before the end of the stream: hash it all.
             std::io::copy(&mut diff, &mut std::io::sink()).map_err(io_err)?;

@@ -220,3 +220,26 @@ fn unpacked_images_are_private_to_root() {
     let cache_mode = std::fs::metadata(tmp.path().join("cache")).expect("stat").permissions().mode() & 0o777;
     assert_eq!(cache_mode & 0o022, 0, "cache dir is writable by others: {cache_mode:o}");
 }
+
+#[test]
+fn an_image_bigger_than_the_cap_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tarball = tmp.path().join("img.tar");
+    write_tar(&tarball, &docker_save_files());
+    let source = Source::tar(&tarball).expect("source");
+    let plan = plan(&source, &tarball).expect("plan");
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).expect("root");
+    // The two small test layers unpack to a few KiB of tar: a 1 KiB cap is exceeded.
+    let e = apply_all_capped(&source, &plan.layers, &root, 1024).expect_err("over the cap");
+    let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+    let mut inner: &dyn std::error::Error = &e;
+    while let Some(s) = inner.source() {
+        inner = s;
+    }
+    assert!(inner.to_string().contains("more than"), "{chain} / {inner}");
+    // The same image fits the real cap.
+    let root2 = tmp.path().join("root2");
+    std::fs::create_dir(&root2).expect("root2");
+    apply_all(&source, &plan.layers, &root2).expect("under the cap");
+}

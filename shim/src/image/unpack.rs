@@ -26,6 +26,9 @@ const MAX_SYMLINKS: usize = 40;
 /// records before it, which the tar reader holds in memory whole (a gzip layer of a
 /// few KiB could otherwise claim a long name of gigabytes).
 const MAX_ENTRY_HEADERS: u64 = 4 << 20;
+/// Most entries one layer may have: bounds the bookkeeping of paths written, and an
+/// inode bomb. Real layers have tens of thousands.
+pub const MAX_LAYER_ENTRIES: usize = 1 << 20;
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,7 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
     // layer may have replaced them (or a parent) with a symlink.
     let mut opaque: Vec<PathBuf> = Vec::new();
     let mut entries = archive.entries().map_err(UnpackError::Read)?;
+    let mut count = 0usize;
     loop {
         // Finding the next entry reads its headers, long names and PAX records into
         // memory; only that step is bounded.
@@ -65,6 +69,10 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
         budget.set(u64::MAX);
         let Some(entry) = next else { break };
         let mut entry = entry.map_err(UnpackError::Read)?;
+        count += 1;
+        if count > MAX_LAYER_ENTRIES {
+            return Err(UnpackError::Read(std::io::Error::other(format!("the layer has more than {MAX_LAYER_ENTRIES} entries"))));
+        }
         apply_entry(root, &mut entry, &mut written, &mut opaque)?;
         // Whatever data the entry has left is skipped here, not inside next().
         std::io::copy(&mut entry, &mut std::io::sink()).map_err(UnpackError::Read)?;
