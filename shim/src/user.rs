@@ -43,13 +43,18 @@ struct GroupEntry {
 }
 
 /// Reads a file of the container's root (symlinks resolved inside the root); a
-/// missing or unreadable file reads as empty.
+/// missing or unreadable file, or anything but a regular file, reads as empty. The
+/// image is hostile: a FIFO there must not hang `moat`, nor a device node be read.
 fn read_in_root(root: &Path, rel: &str) -> String {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let Ok(path) = resolve(root, Path::new(rel), true) else { return String::new() };
     let mut text = String::new();
-    if let Ok(f) = std::fs::File::open(path) {
-        let _ = f.take(MAX_DB_FILE).read_to_string(&mut text);
+    let opened = std::fs::OpenOptions::new().read(true).custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW).open(path);
+    if let Ok(f) = opened {
+        if f.metadata().is_ok_and(|m| m.is_file()) {
+            let _ = f.take(MAX_DB_FILE).read_to_string(&mut text);
+        }
     }
     text
 }
@@ -177,6 +182,14 @@ mod tests {
         assert!(matches!(r("1:"), Err(UserError::Invalid(_))));
         assert!(matches!(r("99999999999"), Err(UserError::Invalid(_))));
         assert!(r("mallory").expect_err("unknown").to_string().contains("/etc/passwd"));
+    }
+
+    #[test]
+    fn a_fifo_for_passwd_reads_as_empty_instead_of_hanging() {
+        let t = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(t.path().join("etc")).expect("etc");
+        nix::unistd::mkfifo(&t.path().join("etc/passwd"), nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        assert_eq!(resolve_user(t.path(), "alice"), Err(UserError::UnknownUser("alice".into())));
     }
 
     #[test]
