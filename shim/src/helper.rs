@@ -57,6 +57,8 @@ pub enum HelperError {
         #[source]
         source: nix::Error,
     },
+    #[error("cannot read /proc/self/mountinfo")]
+    MountInfo(#[source] std::io::Error),
     #[error("bad fs backend description")]
     Json(#[from] serde_json::Error),
     #[error("path {0:?} contains a NUL byte, or a comma or colon that overlayfs options cannot hold")]
@@ -184,9 +186,15 @@ fn make_mounts(mounts: &[HostMount]) -> Result<(), HelperError> {
                 mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
                     .map_err(sys(format!("cannot bind {} on {}", source.display(), target.display())))?;
                 if *read_only {
+                    // A bind remount changes one mount only: make every mount the
+                    // recursive bind brought along read-only too, or a submount of a
+                    // `:ro` volume would stay writable for the guest.
                     let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-                    mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
-                        .map_err(sys(format!("cannot make {} read-only", target.display())))?;
+                    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(HelperError::MountInfo)?;
+                    for point in mounts_at_or_below(&info, target) {
+                        mount(None::<&str>, &point, None::<&str>, flags, None::<&str>)
+                            .map_err(sys(format!("cannot make {} read-only", point.display())))?;
+                    }
                 }
             }
         }
@@ -194,9 +202,48 @@ fn make_mounts(mounts: &[HostMount]) -> Result<(), HelperError> {
     Ok(())
 }
 
+/// Mount points in `mountinfo` (the text of /proc/self/mountinfo) that are `top` or
+/// below it, in the order they were mounted (parents first).
+fn mounts_at_or_below(mountinfo: &str, top: &Path) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(top))
+        .collect()
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            let v = u32::from(b[i + 1] - b'0') * 64 + u32::from(b[i + 2] - b'0') * 8 + u32::from(b[i + 3] - b'0');
+            out.push((v & 0xff) as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submounts_of_a_read_only_volume_are_found() {
+        let info = "22 1 0:21 / / rw - ext4 /dev/vda rw\n\
+                    30 22 0:30 / /run/moat/x/shared/vol/0 rw - ext4 /dev/vdb rw\n\
+                    31 30 0:31 / /run/moat/x/shared/vol/0/sub\\040dir rw - tmpfs tmpfs rw\n\
+                    32 22 0:32 / /run/moat/x/shared/vol/01 rw - tmpfs tmpfs rw\n";
+        let got = mounts_at_or_below(info, Path::new("/run/moat/x/shared/vol/0"));
+        assert_eq!(got, vec![PathBuf::from("/run/moat/x/shared/vol/0"), PathBuf::from("/run/moat/x/shared/vol/0/sub dir")]);
+    }
 
     #[test]
     fn overlay_options_refuse_separators() {

@@ -25,6 +25,16 @@ fn mounts_live_only_in_the_backend_namespace() {
     }
     std::fs::write(d.join("lower/from-image"), b"image\n").expect("lower file");
     std::fs::write(d.join("vol/keep"), b"host\n").expect("vol file");
+    // A mount inside the read-only volume must come along read-only too.
+    std::fs::create_dir(d.join("vol/sub")).expect("submount dir");
+    nix::mount::mount(Some("tmpfs"), &d.join("vol/sub"), Some("tmpfs"), nix::mount::MsFlags::empty(), None::<&str>).expect("tmpfs submount");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _sub = Unmount(d.join("vol/sub"));
     // The stand-in backend reports what it sees, then signals readiness.
     let script = d.join("fake-virtiofsd");
     std::fs::write(
@@ -33,6 +43,7 @@ fn mounts_live_only_in_the_backend_namespace() {
             "#!/bin/sh\nd={}\ncat $d/shared/rootfs/from-image > $d/seen 2>&1\n\
              echo new > $d/shared/rootfs/written-in-ns\n\
              if echo x > $d/shared/vol/0/keep 2>/dev/null; then echo vol-writable >> $d/seen; else echo vol-ro >> $d/seen; fi\n\
+             if echo x > $d/shared/vol/0/sub/f 2>/dev/null; then echo sub-writable >> $d/seen; else echo sub-ro >> $d/seen; fi\n\
              touch $d/fs.sock\nexec sleep 60\n",
             d.display()
         ),
@@ -64,10 +75,11 @@ fn mounts_live_only_in_the_backend_namespace() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let seen = std::fs::read_to_string(d.join("seen")).expect("seen");
-    assert_eq!(seen, "image\nvol-ro\n", "what the backend saw");
+    assert_eq!(seen, "image\nvol-ro\nsub-ro\n", "what the backend saw");
     // On the host side nothing is mounted: the write went to the overlay's upper dir.
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    assert!(!mountinfo.contains(&d.display().to_string()), "a helper mount leaked into the host namespace");
+    let leaked: Vec<&str> = mountinfo.lines().filter(|l| l.contains(&d.display().to_string()) && !l.contains("/vol/sub ")).collect();
+    assert!(leaked.is_empty(), "a helper mount leaked into the host namespace: {leaked:?}");
     assert!(!d.join("shared/rootfs/from-image").exists());
     assert_eq!(std::fs::read(d.join("upper/written-in-ns")).expect("upper"), b"new\n");
     assert_eq!(std::fs::read(d.join("vol/keep")).expect("vol"), b"host\n");
