@@ -363,6 +363,42 @@ fn exec_signal_and_terminal(vm: &Vm, a: &AgentClient) {
     println!("ok: SIGKILL -> 137");
 }
 
+/// The spec's confinement reaches the process: seccomp, capabilities, rlimits,
+/// no_new_privileges, user and groups, masked and read-only paths. Each line of the
+/// script reports one of them from inside the container.
+fn security_settings(vm: &Vm, a: &AgentClient) {
+    let script = "mkdir /tmp/d 2>/dev/null && echo mkdir=allowed || echo mkdir=denied; \
+                  touch /tmp/f; chown 5 /tmp/f 2>/dev/null && echo chown=allowed || echo chown=denied; \
+                  echo nofile=$(ulimit -n); grep NoNewPrivs /proc/self/status | tr -d '\t '; \
+                  echo id=$(id -u):$(id -g):$(id -G | tr ' ' ,); \
+                  echo kcore=$(wc -c < /proc/kcore); \
+                  (echo 3 > /proc/sys/vm/drop_caches) 2>&1 | grep -q 'Read-only' && echo procsys=readonly || echo procsys=other";
+    let caps = ["CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_SETUID", "CAP_SETGID"];
+    let spec = spec(&["sh", "-c", script], |v| {
+        v["process"]["user"] = serde_json::json!({"uid": 0, "gid": 0, "additionalGids": [7, 9]});
+        v["process"]["capabilities"] = serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps});
+        v["process"]["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "soft": 100, "hard": 200}]);
+        v["process"]["noNewPrivileges"] = serde_json::json!(true);
+        v["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+    });
+    create(a, "sec", spec, stdio(false, true, true));
+    let out = vm.stream("sec", "", StreamKind::Stdout);
+    let err = vm.stream("sec", "", StreamKind::Stderr);
+    start(a, "sec", "");
+    let text = String::from_utf8_lossy(&read_all(out)).into_owned();
+    let errors = String::from_utf8_lossy(&read_all(err)).into_owned();
+    assert_eq!(wait(a, "sec", ""), 0, "{text} {errors}");
+    let want = ["mkdir=denied", "chown=denied", "nofile=100", "NoNewPrivs:1", "id=0:0:0,7,9", "kcore=0", "procsys=readonly"];
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got, want, "stderr: {errors}");
+    remove(a, "sec");
+    println!("ok: seccomp, capabilities, rlimits, no_new_privileges, groups, masked and read-only paths");
+}
+
 /// 20 execs in one container at once, each with its own output stream and status:
 /// every stream must carry exactly its own process's bytes, in order.
 fn twenty_concurrent_execs(vm: &Vm, a: &AgentClient) {
@@ -460,6 +496,7 @@ fn agent_runs_containers() {
     stdin_round_trip(&vm, &a);
     exec_errors(&a);
     exec_signal_and_terminal(&vm, &a);
+    security_settings(&vm, &a);
     twenty_concurrent_execs(&vm, &a);
     limits_stats_and_remove(&vm, &a);
 
