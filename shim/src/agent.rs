@@ -271,6 +271,52 @@ mod tests {
         assert!(msg.len() <= MAX_MESSAGE + 3 && !msg.contains('\n') && !msg.contains('\x1b'), "{msg:?}");
     }
 
+    /// A fake agent on the other end of a socket pair: it reads one request frame and
+    /// answers with `reply` (raw bytes: a ttrpc frame header and payload, or garbage).
+    fn fake_agent(reply: Vec<u8>) -> Agent {
+        use std::io::{Read, Write};
+        let (ours, mut theirs) = UnixStream::pair().expect("socket pair");
+        std::thread::spawn(move || {
+            let mut header = [0u8; 10];
+            if theirs.read_exact(&mut header).is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]) as usize;
+            let mut body = vec![0u8; len];
+            let _ = theirs.read_exact(&mut body);
+            // Answer on the request's stream id, then hang up.
+            let mut out = reply;
+            if out.len() >= 10 {
+                out[4..8].copy_from_slice(&header[4..8]);
+            }
+            let _ = theirs.write_all(&out);
+        });
+        Agent::new(ours).expect("client")
+    }
+
+    fn frame(len: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = len.to_be_bytes().to_vec();
+        f.extend_from_slice(&[0, 0, 0, 0, 2, 0]); // stream id (filled in), response, no flags
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn a_hostile_agent_gets_an_error_not_a_hang_or_a_panic() {
+        let started = std::time::Instant::now();
+        // A frame that claims to be 256 MiB long.
+        let e = fake_agent(frame(256 << 20, b"xx")).version().expect_err("oversized frame");
+        eprintln!("{e}");
+        // A well-framed response whose payload is not protobuf.
+        let garbage = [0xffu8; 16];
+        let e = fake_agent(frame(garbage.len() as u32, &garbage)).version().expect_err("garbage payload");
+        eprintln!("{e}");
+        // Not even a whole header, then EOF.
+        let e = fake_agent(vec![0, 0, 1]).version().expect_err("short read");
+        eprintln!("{e}");
+        eprintln!("three hostile agents refused in {:?}", started.elapsed());
+    }
+
     #[test]
     fn answers_are_validated() {
         let v = |protocol, agent: &str| proto::VersionResponse { protocol, agent_version: agent.into(), kernel_release: "6.1".into(), ..Default::default() };
