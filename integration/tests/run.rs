@@ -271,18 +271,22 @@ fn stdout_and_stderr_stay_apart() {
 #[ignore = "boots Linux: run through `make test-kvm`"]
 fn hundred_mib_of_stdout_byte_exact() {
     require_kvm();
-    let dir = TempDir::new("stdout");
-    // The guest writes random data to the shared directory and prints its checksum on
-    // stderr, then streams the same file to stdout: all three must agree.
-    let vol = format!("{}:/data", dir.s());
-    let o = run(&["-v", &vol, &img("busybox-oci"), "--", "sh", "-c",
-        "head -c 104857600 /dev/urandom > /data/r && sha256sum /data/r >&2 && cat /data/r"]);
+    // `seq` makes every line unique, so a lost, doubled or reordered byte anywhere in
+    // the ~106 MB shows up; the host computes the same stream to compare against.
+    const LAST: u32 = 13_000_000;
+    let o = run(&[&img("busybox-oci"), "--", "seq", "1", &LAST.to_string()]);
     assert_eq!(o.code(), 0, "{}", o.stderr);
-    assert_eq!(o.stdout.len(), 100 << 20, "stdout length");
-    let got = sha256(&o.stdout);
-    let file = std::fs::read(dir.path().join("r")).expect("the guest's file on the host");
-    assert_eq!(sha256(&file), got, "stdout differs from the file the guest wrote");
-    assert!(o.stderr.contains(&got), "guest checksum {:?} differs from stdout's {got}", o.stderr);
+    let mut want = Vec::with_capacity(o.stdout.len());
+    for n in 1..=LAST {
+        want.extend_from_slice(n.to_string().as_bytes());
+        want.push(b'\n');
+    }
+    assert!(want.len() >= 100 << 20, "the stream is at least 100 MiB");
+    assert_eq!(o.stdout.len(), want.len(), "stdout length");
+    if o.stdout != want {
+        let at = o.stdout.iter().zip(&want).position(|(a, b)| a != b).unwrap_or(0);
+        panic!("stdout differs from byte {at} on (sha256 {} vs {})", sha256(&o.stdout), sha256(&want));
+    }
 }
 
 #[test]
@@ -438,11 +442,19 @@ fn shared_directory_both_ways() {
     let dir = TempDir::new("share");
     std::fs::write(dir.path().join("from-host"), b"written on the host\n").expect("write");
     let vol = format!("{}:/data", dir.s());
-    let o = run(&["-v", &vol, &img("busybox-oci"), "--", "sh", "-c", "cat /data/from-host && echo 'written in the guest' > /data/from-guest"]);
+    let o = run(&["-v", &vol, &img("busybox-oci"), "--", "sh", "-c",
+        "cat /data/from-host && echo 'written in the guest' > /data/from-guest && head -c 8388608 /dev/urandom > /data/big && sha256sum /data/big"]);
     assert_eq!(o.code(), 0, "{}", o.stderr);
-    assert_eq!(o.text(), "written on the host\n");
+    let text = o.text();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("written on the host"));
     let back = std::fs::read_to_string(dir.path().join("from-guest")).expect("the guest's file on the host");
     assert_eq!(back, "written in the guest\n");
+    // 8 MiB of random data: the host's copy hashes to what the guest computed.
+    let big = std::fs::read(dir.path().join("big")).expect("the guest's big file on the host");
+    assert_eq!(big.len(), 8 << 20);
+    let guest_sum = lines.next().and_then(|l| l.split_whitespace().next()).unwrap_or_default();
+    assert_eq!(sha256(&big), guest_sum, "the file differs between guest and host");
 }
 
 #[test]
