@@ -3,11 +3,15 @@
 //! files. Output is copied until the guest's stream ends, and [`ProcessIo::drain`]
 //! waits for that, so whoever reports the exit can report it after the last byte.
 //!
-//! FIFOs are opened read-write: the open never blocks waiting for the other side, a
-//! reader that goes away and comes back (a re-attaching client) loses nothing, and
-//! a full FIFO backpressures the guest instead of growing a buffer here. The price:
-//! stdin never reads EOF, so the end of stdin comes from [`ProcessIo::close_stdin`]
-//! (containerd's CloseIO), which makes the copy drain what is there and stop.
+//! Output FIFOs are opened read-write: the open never blocks waiting for the other
+//! side, a reader that goes away and comes back (a re-attaching client) loses
+//! nothing, and a full FIFO backpressures the guest instead of growing a buffer here.
+//!
+//! The stdin FIFO is opened read-only, in its copy thread (the open waits for the
+//! client's writer): the guest's stdin ends when the client closes its end (what
+//! `ctr` does at the end of its input) or when [`ProcessIo::close_stdin`] is called
+//! (containerd's CloseIO, what Docker does), whichever comes first; what was written
+//! before is still delivered.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,7 +19,7 @@ use std::net::Shutdown;
 use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -70,24 +74,36 @@ fn open_output(what: &'static str, uri: &str) -> Result<File, IoError> {
     }
 }
 
-fn open_input(uri: &str) -> Result<File, IoError> {
+/// The stdin path, checked (it must exist now: the client made it before Create).
+fn input_path(uri: &str) -> Result<PathBuf, IoError> {
     let path = uri.strip_prefix("fifo://").unwrap_or(uri);
-    let f = File::options()
-        .read(true)
-        .write(true)
-        .custom_flags(OFlag::O_NONBLOCK.bits())
-        .open(path)
-        .map_err(|source| IoError::Open { what: "stdin", path: path.to_string(), source })?;
+    std::fs::metadata(path).map_err(|source| IoError::Open { what: "stdin", path: path.to_string(), source })?;
+    Ok(PathBuf::from(path))
+}
+
+/// Opens the stdin FIFO for reading, waiting for a writer (a FIFO's read-only open
+/// blocks until one comes; [`ProcessIo::close_stdin`] releases it), then makes it
+/// non-blocking for the copy's poll loop.
+fn open_input(path: &Path) -> std::io::Result<File> {
+    let f = File::options().read(true).open(path)?;
+    nix::fcntl::fcntl(std::os::fd::AsRawFd::as_raw_fd(&f), nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).map_err(std::io::Error::from)?;
     Ok(f)
 }
 
-/// Copies a non-blocking `from` into `to` until `stop` is set (then what is buffered
-/// is still copied) or the guest closes its side; then half-closes `to` and calls
-/// `on_eof`.
-fn copy_stdin(mut from: File, mut to: UnixStream, stop: Arc<AtomicBool>, on_eof: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+/// Copies the stdin FIFO at `path` into `to` until the client's writer closes it
+/// (EOF), `stop` is set (then what is buffered is still copied) or the guest closes
+/// its side; then half-closes `to` and calls `on_eof`.
+fn copy_stdin(path: PathBuf, mut to: UnixStream, stop: Arc<AtomicBool>, on_eof: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = vec![0u8; COPY_BUFFER];
-        loop {
+        let mut from = match open_input(&path) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                log::warn!("stdin {}: {e}", path.display());
+                None
+            }
+        };
+        while let Some(from) = from.as_mut() {
             let stopping = stop.load(Ordering::SeqCst);
             let ready = {
                 let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
@@ -100,9 +116,15 @@ fn copy_stdin(mut from: File, mut to: UnixStream, stop: Arc<AtomicBool>, on_eof:
                 continue;
             }
             let n = match from.read(&mut buf) {
+                // Every writer closed: the client's input ended.
                 Ok(0) => break,
                 Ok(n) => n,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {
+                    if stopping {
+                        break;
+                    }
+                    continue;
+                }
                 Err(e) => {
                     log::debug!("stdin: {e}");
                     break;
@@ -121,7 +143,7 @@ fn copy_stdin(mut from: File, mut to: UnixStream, stop: Arc<AtomicBool>, on_eof:
 /// The copies of one process's stdio.
 pub struct ProcessIo {
     outputs: std::sync::Mutex<Vec<JoinHandle<std::io::Result<u64>>>>,
-    stdin_stop: Option<Arc<AtomicBool>>,
+    stdin: Option<(PathBuf, Arc<AtomicBool>)>,
 }
 
 impl ProcessIo {
@@ -140,7 +162,7 @@ impl ProcessIo {
         // anything in the guest is touched.
         let out = want_out.then(|| open_output("stdout", &paths.stdout)).transpose()?;
         let err = want_err.then(|| open_output("stderr", &paths.stderr)).transpose()?;
-        let input = want_in.then(|| open_input(&paths.stdin)).transpose()?;
+        let input = want_in.then(|| input_path(&paths.stdin)).transpose()?;
         let stream = |kind, name| open_stream(uds, container, exec, kind).map_err(|e| IoError::Stream(name, e));
         let mut outputs = Vec::new();
         if let Some(f) = out {
@@ -149,19 +171,24 @@ impl ProcessIo {
         if let Some(f) = err {
             outputs.push(copy_out(stream(StreamKind::Stderr, "stderr")?, f));
         }
-        let mut stdin_stop = None;
-        if let Some(f) = input {
+        let mut stdin = None;
+        if let Some(path) = input {
             let stop = Arc::new(AtomicBool::new(false));
-            drop(copy_stdin(f, stream(StreamKind::Stdin, "stdin")?, stop.clone(), on_stdin_eof));
-            stdin_stop = Some(stop);
+            drop(copy_stdin(path.clone(), stream(StreamKind::Stdin, "stdin")?, stop.clone(), on_stdin_eof));
+            stdin = Some((path, stop));
         }
-        Ok(ProcessIo { outputs: std::sync::Mutex::new(outputs), stdin_stop })
+        Ok(ProcessIo { outputs: std::sync::Mutex::new(outputs), stdin })
     }
 
     /// Ends stdin: what the client wrote is still delivered, then the guest sees EOF.
     pub fn close_stdin(&self) {
-        if let Some(s) = &self.stdin_stop {
-            s.store(true, Ordering::SeqCst);
+        if let Some((path, stop)) = &self.stdin {
+            if !stop.swap(true, Ordering::SeqCst) {
+                // If the copy still waits in open() for a writer, be that writer for
+                // a moment: the open returns and the copy sees EOF. (ENXIO: nobody
+                // waits, the copy is past its open.)
+                let _ = File::options().write(true).custom_flags(OFlag::O_NONBLOCK.bits()).open(path);
+            }
         }
     }
 
@@ -221,24 +248,60 @@ mod tests {
     }
 
     #[test]
-    fn stdin_copies_then_stops_on_close_with_nothing_lost() {
+    fn stdin_copies_until_the_client_closes_its_end() {
         let d = tempfile::tempdir().expect("tmp");
         let fifo = d.path().join("in");
         mkfifo(&fifo);
-        let input = open_input(fifo.to_str().expect("utf8")).expect("open");
         let (a, mut b) = UnixStream::pair().expect("pair");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let h = copy_stdin(input, a, stop.clone(), move || tx.send(()).expect("eof"));
+        let h = copy_stdin(fifo.clone(), a, stop.clone(), move || tx.send(()).expect("eof"));
+        // The client's writer closing is the end of stdin.
         let mut w = File::options().write(true).open(&fifo).expect("writer");
         w.write_all(b"hello ").expect("w1");
         w.write_all(b"world").expect("w2");
         drop(w);
-        stop.store(true, Ordering::SeqCst);
         let mut got = Vec::new();
         b.read_to_end(&mut got).expect("read to EOF");
         assert_eq!(got, b"hello world");
         rx.recv().expect("on_eof ran");
         h.join().expect("thread");
+    }
+
+    #[test]
+    fn close_stdin_ends_a_copy_whose_client_never_came_or_never_closed() {
+        let d = tempfile::tempdir().expect("tmp");
+        let paths = |name: &str| {
+            let p = d.path().join(name);
+            mkfifo(&p);
+            p
+        };
+        // Nobody ever opens the FIFO for writing: the copy waits in open().
+        let fifo = paths("never");
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let stop = Arc::new(AtomicBool::new(false));
+        let h = copy_stdin(fifo.clone(), a, stop.clone(), || {});
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let io = ProcessIo { outputs: Default::default(), stdin: Some((fifo, stop)) };
+        io.close_stdin();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).expect("EOF");
+        assert!(got.is_empty());
+        h.join().expect("thread");
+        // A writer that stays open: CloseIO still ends stdin, after its bytes.
+        let fifo = paths("open");
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let stop = Arc::new(AtomicBool::new(false));
+        let h = copy_stdin(fifo.clone(), a, stop.clone(), || {});
+        let mut w = File::options().write(true).open(&fifo).expect("writer");
+        w.write_all(b"kept").expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let io = ProcessIo { outputs: Default::default(), stdin: Some((fifo, stop)) };
+        io.close_stdin();
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).expect("EOF");
+        assert_eq!(got, b"kept");
+        h.join().expect("thread");
+        drop(w);
     }
 }

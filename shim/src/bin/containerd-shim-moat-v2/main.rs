@@ -71,16 +71,13 @@ impl containerd_shim::Shim for Shim {
         let cfg = MoatConfig::load().map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
         let dir = cfg.state_dir.join(&pod);
         let pid = procs::read(&dir).iter().find(|r| r.name == "moat-vmm").map_or(0, |r| r.pid as u32);
-        if dir.is_dir() {
-            let dead = if dir.join("lock").exists() { sandbox::lock_if_dead(&dir) } else { None };
-            let unlocked = !dir.join("lock").exists();
-            if dead.is_some() || unlocked {
-                log::info!("{}: shim gone; cleaning up pod {pod}", self.id);
-                sandbox::remove_dead(&dir).map_err(|e| containerd_shim::Error::Other(format!("{e:#}")))?;
-            } else {
-                // The pod's shim lives (another container of the pod): it owns the VM.
-                log::info!("{}: pod {pod} is still served by its shim", self.id);
-            }
+        // Only a dir whose lock nobody holds is dead. One without a lock file may be a
+        // sandbox being created this instant (containerd runs this after every shim
+        // exit, also when the next container of the same name is starting): the
+        // stale sweep of the next start removes such dirs once they are old.
+        if let Some(_lock) = sandbox::lock_if_dead(&dir) {
+            log::info!("{}: shim gone; cleaning up pod {pod}", self.id);
+            sandbox::remove_dead(&dir).map_err(|e| containerd_shim::Error::Other(e.to_string()))?;
         }
         Ok(DeleteResponse { pid, exit_status: EXIT_SHIM_DIED, exited_at: Some(SystemTime::now().into()).into(), ..Default::default() })
     }
