@@ -19,7 +19,7 @@ use moat_integration::{artifact, kvm_boots_linux, test_image};
 use sha2::{Digest, Sha256};
 
 /// Longest a single `moat run` may take here before the test calls it a hang.
-const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Out {
     status: ExitStatus,
