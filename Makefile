@@ -85,7 +85,18 @@ test-kvm: build guest images
 	  | python3 -c 'import json,sys; [print(m["executable"], m["target"]["name"]) for m in map(json.loads, sys.stdin) if m.get("reason")=="compiler-artifact" and m.get("executable") and m["target"]["kind"]==["test"]]' \
 	  | while read -r exe name; do cp "$$exe" $(BUILD)/test/"$$name"; done
 	@ls $(BUILD)/test | grep -q . || { echo "no integration test binaries were built" >&2; exit 1; }
-	$(TESTHOST) run -- sh -c 'rc=0; for t in $(BUILD)/test/*; do echo "=== $$t"; "$$t" --include-ignored --test-threads=1 || rc=1; done; exit $$rc'
+	@# One test host per Linux-booting test: the emulated host itself freezes now and
+	@# then (about 1 in 80 inner VM launches, see ../shared/kvm-in-tcg), and testhost's
+	@# retry then repeats one test, not the whole suite. The tests that need no booting
+	@# guest already ran natively in test-unit. Binaries and guest come from build/.
+	@rc=0; for t in $(BUILD)/test/*; do \
+	  names=$$("$$t" --list --ignored | sed -n 's/: test$$//p'); \
+	  [ -n "$$names" ] || { echo "*** $$t lists no Linux-booting tests" >&2; rc=1; }; \
+	  for name in $$names; do \
+	    echo "=== $$t $$name"; \
+	    MOAT_TESTHOST_NO_INSTALL=1 $(TESTHOST) run --quiet-timeout 480 -- "$$t" --ignored --exact "$$name" || { rc=1; echo "*** FAILED: $$t $$name"; }; \
+	  done; \
+	done; exit $$rc
 
 bench-boot: build guest
 	$(TESTHOST) run -- python3 integration/bench_boot.py
