@@ -11,7 +11,9 @@
 //! client's writer): the guest's stdin ends when the client closes its end (what
 //! `ctr` does at the end of its input) or when [`ProcessIo::close_stdin`] is called
 //! (containerd's CloseIO, what Docker does), whichever comes first; what was written
-//! before is still delivered.
+//! before is still delivered. The copy waits until the process has started
+//! ([`ProcessIo::started`]): a client may write all its input and close before
+//! Start, and that EOF must not reach the guest before the process exists.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -21,7 +23,8 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use moat_protocol::StreamKind;
@@ -93,10 +96,24 @@ fn open_input(path: &Path) -> std::io::Result<File> {
 /// Copies the stdin FIFO at `path` into `to` until the client's writer closes it
 /// (EOF), `stop` is set (then what is buffered is still copied) or the guest closes
 /// its side; then half-closes `to` and calls `on_eof`.
-fn copy_stdin(path: PathBuf, mut to: UnixStream, stop: Arc<AtomicBool>, on_eof: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+fn copy_stdin(
+    path: PathBuf,
+    mut to: UnixStream,
+    stop: Arc<AtomicBool>,
+    go: Receiver<()>,
+    on_eof: impl FnOnce() + Send + 'static,
+) -> JoinHandle<()> {
     std::thread::spawn(move || {
+        // Open first (the client may write all and close before Start: its bytes
+        // wait in the FIFO), forward only once the process runs.
+        let opened = open_input(&path);
+        if go.recv().is_err() {
+            // The process never started (deleted before Start).
+            let _ = to.shutdown(Shutdown::Write);
+            return;
+        }
         let mut buf = vec![0u8; COPY_BUFFER];
-        let mut from = match open_input(&path) {
+        let mut from = match opened {
             Ok(f) => Some(f),
             Err(e) => {
                 log::warn!("stdin {}: {e}", path.display());
@@ -142,8 +159,10 @@ fn copy_stdin(path: PathBuf, mut to: UnixStream, stop: Arc<AtomicBool>, on_eof: 
 
 /// The copies of one process's stdio.
 pub struct ProcessIo {
-    outputs: std::sync::Mutex<Vec<JoinHandle<std::io::Result<u64>>>>,
+    outputs: Mutex<Vec<JoinHandle<std::io::Result<u64>>>>,
     stdin: Option<(PathBuf, Arc<AtomicBool>)>,
+    /// Releases the stdin copy once the process has started.
+    go: Mutex<Option<Sender<()>>>,
 }
 
 impl ProcessIo {
@@ -172,12 +191,22 @@ impl ProcessIo {
             outputs.push(copy_out(stream(StreamKind::Stderr, "stderr")?, f));
         }
         let mut stdin = None;
+        let mut go = None;
         if let Some(path) = input {
             let stop = Arc::new(AtomicBool::new(false));
-            drop(copy_stdin(path.clone(), stream(StreamKind::Stdin, "stdin")?, stop.clone(), on_stdin_eof));
+            let (tx, rx) = channel();
+            drop(copy_stdin(path.clone(), stream(StreamKind::Stdin, "stdin")?, stop.clone(), rx, on_stdin_eof));
             stdin = Some((path, stop));
+            go = Some(tx);
         }
-        Ok(ProcessIo { outputs: std::sync::Mutex::new(outputs), stdin })
+        Ok(ProcessIo { outputs: Mutex::new(outputs), stdin, go: Mutex::new(go) })
+    }
+
+    /// The process runs: start feeding its stdin.
+    pub fn started(&self) {
+        if let Some(tx) = self.go.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
     }
 
     /// Ends stdin: what the client wrote is still delivered, then the guest sees EOF.
@@ -214,6 +243,34 @@ impl Drop for ProcessIo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A start signal already given.
+    fn gone() -> Receiver<()> {
+        let (tx, rx) = channel();
+        tx.send(()).expect("send");
+        rx
+    }
+
+    #[test]
+    fn stdin_waits_for_the_start_and_input_closed_before_it_is_kept() {
+        let d = tempfile::tempdir().expect("tmp");
+        let fifo = d.path().join("in");
+        mkfifo(&fifo);
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = channel();
+        let h = copy_stdin(fifo.clone(), a, stop.clone(), rx, || {});
+        // The client writes everything and closes before Start.
+        File::options().write(true).open(&fifo).and_then(|mut w| w.write_all(b"early")).expect("write");
+        b.set_read_timeout(Some(std::time::Duration::from_millis(100))).expect("timeout");
+        assert!(b.read(&mut [0u8; 8]).is_err(), "nothing may flow before the start");
+        tx.send(()).expect("start");
+        b.set_read_timeout(None).expect("timeout");
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).expect("EOF");
+        assert_eq!(got, b"early");
+        h.join().expect("thread");
+    }
 
     fn mkfifo(p: &Path) {
         nix::unistd::mkfifo(p, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
@@ -255,7 +312,7 @@ mod tests {
         let (a, mut b) = UnixStream::pair().expect("pair");
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
-        let h = copy_stdin(fifo.clone(), a, stop.clone(), move || tx.send(()).expect("eof"));
+        let h = copy_stdin(fifo.clone(), a, stop.clone(), gone(), move || tx.send(()).expect("eof"));
         // The client's writer closing is the end of stdin.
         let mut w = File::options().write(true).open(&fifo).expect("writer");
         w.write_all(b"hello ").expect("w1");
@@ -280,9 +337,9 @@ mod tests {
         let fifo = paths("never");
         let (a, mut b) = UnixStream::pair().expect("pair");
         let stop = Arc::new(AtomicBool::new(false));
-        let h = copy_stdin(fifo.clone(), a, stop.clone(), || {});
+        let h = copy_stdin(fifo.clone(), a, stop.clone(), gone(), || {});
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let io = ProcessIo { outputs: Default::default(), stdin: Some((fifo, stop)) };
+        let io = ProcessIo { outputs: Default::default(), stdin: Some((fifo, stop)), go: Default::default() };
         io.close_stdin();
         let mut got = Vec::new();
         b.read_to_end(&mut got).expect("EOF");
@@ -292,11 +349,11 @@ mod tests {
         let fifo = paths("open");
         let (a, mut b) = UnixStream::pair().expect("pair");
         let stop = Arc::new(AtomicBool::new(false));
-        let h = copy_stdin(fifo.clone(), a, stop.clone(), || {});
+        let h = copy_stdin(fifo.clone(), a, stop.clone(), gone(), || {});
         let mut w = File::options().write(true).open(&fifo).expect("writer");
         w.write_all(b"kept").expect("write");
         std::thread::sleep(std::time::Duration::from_millis(50));
-        let io = ProcessIo { outputs: Default::default(), stdin: Some((fifo, stop)) };
+        let io = ProcessIo { outputs: Default::default(), stdin: Some((fifo, stop)), go: Default::default() };
         io.close_stdin();
         let mut got = Vec::new();
         b.read_to_end(&mut got).expect("EOF");

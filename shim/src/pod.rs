@@ -339,6 +339,7 @@ impl Pod {
             .start_process(&ProcessId { container: id.into(), exec: exec.into() })
             .map_err(|e| TaskError::agent("StartProcess", e))?;
         proc.p.started(guest_pid)?;
+        proc.io.started();
         log::info!("{id}/{exec}: started (guest pid {guest_pid})");
         self.send(if exec.is_empty() {
             TaskEvent::Start { id: id.into(), pid }
