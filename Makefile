@@ -5,6 +5,7 @@
 #   make bench-boot boot-time / VM-exit / memory comparison with QEMU microvm
 #   make bench-vsock vsock echo throughput, moat's hybrid vsock vs QEMU vhost-vsock
 #   make bench-run  `moat run` versus runc: start, stdout MB/s, small files on the share
+#   make bench-ctr  `ctr run --rm` latency and host memory per idle pod, moat versus runc
 #
 # Where /dev/kvm cannot boot Linux (PVM), everything that needs a booting guest runs
 # inside integration/testhost, an emulated host with real KVM (see README.md).
@@ -20,7 +21,7 @@ SHAREDIR   := $(PREFIX)/share/moat
 TESTHOST   := integration/testhost
 IMAGES     := $(BUILD)/images
 
-.PHONY: all deps build guest images install run test test-unit test-kvm bench-boot bench-vsock bench-run clean
+.PHONY: all deps build guest images install run test test-unit test-kvm bench-boot bench-vsock bench-run bench-ctr clean
 
 all: build guest
 
@@ -106,6 +107,9 @@ bench-vsock: build guest
 
 bench-run: build guest images
 	$(TESTHOST) run -- python3 integration/bench_run.py
+
+bench-ctr: build guest images
+	$(TESTHOST) run -- python3 integration/bench_ctr.py
 
 clean:
 	rm -rf $(BUILD) target
