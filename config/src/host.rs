@@ -100,16 +100,18 @@ impl MoatConfig {
             .and_then(|p| p.parent().map(Path::to_path_buf))
             .unwrap_or_else(|| PathBuf::from("/usr/local/bin"));
         let defaults = MoatConfig::defaults(&normalize(&bin_dir));
+        match MoatConfig::file() {
+            Some(path) => MoatConfig::from_file(&path, defaults),
+            None => Ok(defaults),
+        }
+    }
+
+    /// The file [`MoatConfig::load`] reads: `$MOAT_CONFIG` if set, else
+    /// [`DEFAULT_CONFIG_PATH`] if it exists; `None` means the built-in defaults.
+    pub fn file() -> Option<PathBuf> {
         match std::env::var_os(CONFIG_ENV) {
-            Some(p) if !p.is_empty() => MoatConfig::from_file(Path::new(&p), defaults),
-            _ => {
-                let path = Path::new(DEFAULT_CONFIG_PATH);
-                if path.exists() {
-                    MoatConfig::from_file(path, defaults)
-                } else {
-                    Ok(defaults)
-                }
-            }
+            Some(p) if !p.is_empty() => Some(PathBuf::from(p)),
+            _ => Some(PathBuf::from(DEFAULT_CONFIG_PATH)).filter(|p| p.exists()),
         }
     }
 
@@ -261,6 +263,39 @@ mod tests {
     fn missing_file_names_the_path() {
         let e = MoatConfig::from_file(Path::new("/nonexistent/moat.toml"), defaults()).expect_err("missing");
         assert_eq!(e.to_string(), "cannot read moat config /nonexistent/moat.toml");
+    }
+
+    /// The example installed as /etc/moat/config.toml by `make install`.
+    const EXAMPLE: &str = include_str!("../moat.toml.example");
+
+    #[test]
+    fn the_installed_example_is_all_defaults() {
+        let prefix_bin = Path::new("/usr/local/bin");
+        let d = MoatConfig::defaults(prefix_bin);
+        let path = Path::new("moat.toml.example");
+        assert_eq!(MoatConfig::from_toml(path, EXAMPLE, d.clone()).expect("as shipped"), d);
+        // Uncommented, every key must state its default: parsed over values that all
+        // differ from the defaults, it must give the defaults back.
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(kv) if kv.contains(" = ") => kv,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 8, "{uncommented}");
+        let other = MoatConfig {
+            vmm: "/x/vmm".into(),
+            kernel: "/x/kernel".into(),
+            initrd: "/x/initrd".into(),
+            virtiofsd: "/x/virtiofsd".into(),
+            vcpus: d.vcpus + 1,
+            memory_mib: d.memory_mib + 1,
+            state_dir: "/x/state".into(),
+            image_dir: "/x/images".into(),
+        };
+        assert_eq!(MoatConfig::from_toml(path, &uncommented, other).expect("uncommented"), d);
     }
 
     #[test]
