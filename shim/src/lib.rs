@@ -15,6 +15,7 @@ pub mod image;
 pub mod spec;
 pub mod user;
 pub mod agent;
+pub mod containerd_config;
 pub mod fifo;
 pub mod helper;
 pub mod mounts;
