@@ -104,6 +104,12 @@ fn main() {
     moat_shim::helper::run_if_helper();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Ok(flags) = containerd_shim::parse(&args[1..]) {
+        // `-v` as containerd's own shims answer it (the crate does not): `moat doctor`
+        // checks that the shim on PATH comes from the same release as `moat`.
+        if flags.version {
+            println!("{}:\n  Version: {}\n  Runtime: {RUNTIME_ID}", env!("CARGO_BIN_NAME"), env!("CARGO_PKG_VERSION"));
+            std::process::exit(0);
+        }
         if flags.action.is_empty() && !flags.socket.is_empty() {
             if let Err(e) = private_mount_namespace() {
                 eprintln!("{RUNTIME_ID}: cannot make a mount namespace for the shim: {e}");
