@@ -146,7 +146,8 @@ pub fn inspect(path: &Path, text: &str) -> Result<FileState, ContainerdConfigErr
     let doc: toml::Table = toml::from_str(text).map_err(|e| ContainerdConfigError::Parse {
         path: path.to_path_buf(),
         line: e.span().map_or(1, |s| text[..s.start.min(text.len())].matches('\n').count() + 1),
-        message: e.message().trim().to_string(),
+        // toml's message may span lines; a report line must not.
+        message: e.message().trim().lines().map(str::trim).collect::<Vec<_>>().join("; "),
     })?;
     let version = match doc.get("version") {
         None => None,

@@ -16,6 +16,7 @@ pub mod spec;
 pub mod user;
 pub mod agent;
 pub mod containerd_config;
+pub mod doctor;
 pub mod fifo;
 pub mod helper;
 pub mod mounts;

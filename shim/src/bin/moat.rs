@@ -4,10 +4,17 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use moat_shim::containerd_config::{self, Applied, ConfigVersion};
+use moat_shim::doctor;
 use moat_shim::run::{self, RunOptions, EXIT_MOAT_ERROR};
 
 #[derive(Parser)]
-#[command(name = "moat", version, about = "Run containers in their own KVM microVM.")]
+#[command(
+    name = "moat",
+    version,
+    about = "Run containers in their own KVM microVM.",
+    after_help = "On a new host, `moat doctor` says what is missing; `moat containerd-config` registers moat with containerd."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +31,37 @@ enum Command {
     #[command(after_help = "Settings not given here come from /etc/moat/config.toml (or $MOAT_CONFIG).\n\
         moat run needs root: it mounts the container's root file system for the VM.")]
     Run(RunArgs),
+    /// Check this host for moat and say what to fix; exits 1 if a check failed.
+    ///
+    /// One line per check: `ok    WHAT`, `WARN  WHAT: FIX` or `FAIL  WHAT: FIX`. Checks
+    /// /dev/kvm, moat's config and the files it names, the containerd shim on PATH,
+    /// writable state and image dirs, cgroup v2, and containerd and its config.
+    Doctor(DoctorArgs),
+    /// Print the containerd config that registers moat as CRI runtime `moat`, or add it.
+    ///
+    /// The shape follows containerd's major version (1.x: config version 2; 2.x:
+    /// config version 3), from `containerd --version` unless --version says. ctr and
+    /// Docker need no config: they name the runtime io.containerd.moat.v2 directly.
+    #[command(name = "containerd-config")]
+    ContainerdConfig(ContainerdConfigArgs),
+}
+
+#[derive(Args)]
+struct DoctorArgs {
+    /// containerd's config file
+    #[arg(long = "containerd-config", value_name = "FILE", default_value = containerd_config::DEFAULT_CONTAINERD_CONFIG)]
+    containerd_config: PathBuf,
+}
+
+#[derive(Args)]
+struct ContainerdConfigArgs {
+    /// containerd's major version [default: from `containerd --version`]
+    #[arg(long = "version", value_name = "1|2", value_parser = clap::value_parser!(u64).range(1..=2))]
+    version: Option<u64>,
+    /// Add the runtime to containerd's config FILE (created if absent; a changed file
+    /// is backed up to FILE.moat-backup first) [default FILE: /etc/containerd/config.toml]
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = containerd_config::DEFAULT_CONTAINERD_CONFIG)]
+    apply: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -93,8 +131,68 @@ fn main() {
                 e.exit_code()
             }
         },
+        Command::Doctor(args) => {
+            let checks = doctor::run(&doctor::Options { containerd_config: args.containerd_config });
+            for c in &checks {
+                println!("{c}");
+            }
+            doctor::exit_code(&checks)
+        }
+        Command::ContainerdConfig(args) => match containerd_config(args) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("moat: {e}");
+                1
+            }
+        },
     };
     std::process::exit(code);
+}
+
+/// `moat containerd-config`: print the CRI runtime entry, or add it to a file.
+fn containerd_config(a: ContainerdConfigArgs) -> Result<(), String> {
+    let detected = || -> Result<(u64, String), String> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let bin = doctor::find_in_path(&path, "containerd").ok_or("containerd is not on PATH")?;
+        doctor::containerd_version(&bin).map_err(|e| format!("{} --version: {e}", bin.display()))
+    };
+    let major = match a.version {
+        Some(v) => Ok((v, format!("{v}.x"))),
+        None => detected(),
+    };
+    let Some(file) = a.apply else {
+        match major {
+            Ok((major, v)) => {
+                let cv = ConfigVersion::for_containerd(major).map_err(|e| chain(&e))?;
+                println!("# containerd {v}: add to its config (config version {}), then restart containerd", cv.number());
+                print!("{}", cv.snippet());
+            }
+            Err(why) => {
+                println!("# containerd's version is unknown ({why}); pick the entry for yours (or pass --version),");
+                println!("# add it to its config, then restart containerd.");
+                for (major, cv) in [(1, ConfigVersion::V2), (2, ConfigVersion::V3)] {
+                    println!("\n# containerd {major}.x (config version {}):", cv.number());
+                    print!("{}", cv.snippet());
+                }
+            }
+        }
+        return Ok(());
+    };
+    let (major, _) = major.map_err(|why| format!("{why}: pass --version 1 or 2 (containerd's major version)"))?;
+    let restart = "restart containerd for it to take effect (systemctl restart containerd)";
+    match containerd_config::apply(&file, major).map_err(|e| chain(&e))? {
+        Applied::AlreadyRegistered => println!("moat: {} already registers runtime moat; nothing changed", file.display()),
+        Applied::Created(v) => {
+            println!("moat: wrote {} (config version {}) registering runtime moat; {restart}", file.display(), v.number())
+        }
+        Applied::Appended { version, backup } => println!(
+            "moat: added runtime moat to {} (config version {}; the previous file is {}); {restart}",
+            file.display(),
+            version.number(),
+            backup.display()
+        ),
+    }
+    Ok(())
 }
 
 fn options(a: RunArgs) -> Result<RunOptions, run::RunError> {
