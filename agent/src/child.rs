@@ -8,7 +8,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 
 use nix::sched::CloneFlags;
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
@@ -46,17 +46,19 @@ pub fn main() -> ! {
         Ok(s) => s,
         Err(_) => std::process::exit(2),
     }));
-    let result = receive(&sock).and_then(|(launch, fds)| run(&launch, fds, sock, &mut rep));
+    let result = receive(&sock).and_then(|(launch, fds, console)| run(&launch, fds, console, sock, &mut rep));
     if let Err(msg) = result {
         rep.send(&Report::Error(msg));
     }
     std::process::exit(1);
 }
 
-fn receive(sock: &OwnedFd) -> R<(Launch, [OwnedFd; 3])> {
+/// The launch, the three stdio descriptors and, for a terminal process, the socket
+/// the pty's master goes back on.
+fn receive(sock: &OwnedFd) -> R<(Launch, [OwnedFd; 3], Option<OwnedFd>)> {
     let mut byte = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut byte)];
-    let mut space = nix::cmsg_space!([RawFd; 3]);
+    let mut space = nix::cmsg_space!([RawFd; 4]);
     let msg = recvmsg::<()>(sock.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
         .map_err(|e| format!("receiving stdio: {e}"))?;
     let mut fds: Vec<OwnedFd> = Vec::new();
@@ -65,14 +67,18 @@ fn receive(sock: &OwnedFd) -> R<(Launch, [OwnedFd; 3])> {
             fds.extend(raw.into_iter().map(crate::sys::owned_fd));
         }
     }
+    let console = if fds.len() == 4 { fds.pop() } else { None };
     let fds: [OwnedFd; 3] = fds.try_into().map_err(|_| "expected three stdio descriptors".to_string())?;
     let mut f = File::from(sock.try_clone().map_err(|e| e.to_string())?);
     let mut len = [0u8; 4];
     f.read_exact(&mut len).map_err(|e| format!("reading the launch: {e}"))?;
     let mut json = vec![0u8; u32::from_le_bytes(len) as usize];
     f.read_exact(&mut json).map_err(|e| format!("reading the launch: {e}"))?;
-    let launch = serde_json::from_slice(&json).map_err(|e| format!("bad launch: {e}"))?;
-    Ok((launch, fds))
+    let launch: Launch = serde_json::from_slice(&json).map_err(|e| format!("bad launch: {e}"))?;
+    if launch.process.terminal != console.is_some() {
+        return Err("a terminal process needs a console socket, and only it".into());
+    }
+    Ok((launch, fds, console))
 }
 
 fn ns_flag(kind: &str) -> CloneFlags {
@@ -92,7 +98,7 @@ fn setns_path(path: &str, kind: &str) -> R<()> {
     nix::sched::setns(f.as_fd(), ns_flag(kind)).map_err(|e| format!("cannot join {kind} namespace {path}: {e}"))
 }
 
-fn run(launch: &Launch, fds: [OwnedFd; 3], sock: OwnedFd, rep: &mut Reporter) -> R<()> {
+fn run(launch: &Launch, fds: [OwnedFd; 3], console: Option<OwnedFd>, sock: OwnedFd, rep: &mut Reporter) -> R<()> {
     std::fs::write(format!("{}/cgroup.procs", launch.cgroup), std::process::id().to_string())
         .map_err(|e| format!("cannot join cgroup {}: {e}", launch.cgroup))?;
     match &launch.namespaces {
@@ -132,6 +138,11 @@ fn run(launch: &Launch, fds: [OwnedFd; 3], sock: OwnedFd, rep: &mut Reporter) ->
         std::fs::create_dir_all(&p.cwd).map_err(|e| format!("cannot create cwd {}: {e}", p.cwd))?;
     }
     nix::unistd::chdir(p.cwd.as_str()).map_err(|e| format!("cannot enter cwd {}: {e}", p.cwd))?;
+    let fds = match &console {
+        Some(c) => open_console(c, p.user.uid)?,
+        None => fds,
+    };
+    drop(console);
     set_stdio(fds, p.terminal)?;
     limits(p)?;
     let nnp = p.no_new_privileges;
@@ -153,6 +164,41 @@ fn run(launch: &Launch, fds: [OwnedFd; 3], sock: OwnedFd, rep: &mut Reporter) ->
         }
     }
     exec(p, &env, rep)
+}
+
+/// Opens a pty in the container's own devpts (its /dev/ptmx, now that the process
+/// is in the container's mount namespace), so that the terminal the process gets is
+/// one it can find under its /dev/pts: `tty`, ttyname(3) and programs that reopen
+/// their terminal work. The master goes back to the agent on `console`; the slave,
+/// owned by the process's user, becomes stdin, stdout and stderr.
+fn open_console(console: &OwnedFd, uid: u32) -> R<[OwnedFd; 3]> {
+    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+    let master = posix_openpt(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| format!("cannot open /dev/ptmx in the container (is /dev/pts mounted?): {e}"))?;
+    grantpt(&master).and_then(|_| unlockpt(&master)).map_err(|e| format!("cannot unlock the container's pty: {e}"))?;
+    let name = ptsname_r(&master).map_err(|e| format!("cannot name the container's pty: {e}"))?;
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(&name)
+        .map_err(|e| format!("cannot open the container's pty {name}: {e}"))?;
+    if uid != 0 {
+        nix::unistd::fchown(slave.as_raw_fd(), Some(Uid::from_raw(uid)), None).map_err(|e| format!("cannot give {name} to uid {uid}: {e}"))?;
+    }
+    let raw = [master.as_raw_fd()];
+    nix::sys::socket::sendmsg::<()>(
+        console.as_raw_fd(),
+        &[std::io::IoSlice::new(b"M")],
+        &[nix::sys::socket::ControlMessage::ScmRights(&raw)],
+        MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| format!("cannot pass the pty to the agent: {e}"))?;
+    drop(master);
+    let slave = OwnedFd::from(slave);
+    let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("dup {name}: {e}"));
+    Ok([dup(&slave)?, dup(&slave)?, slave])
 }
 
 /// Puts the process's stdio on 0, 1 and 2.

@@ -191,7 +191,7 @@ fn build(id: &str, spec: &Spec, req: &moat_protocol::CreateContainerRequest) -> 
     };
     crate::io::registry().insert(id, "", io.clone());
     let fds = io.take_child_fds().ok_or_else(|| AgentError::Internal("stdio already taken".into()))?;
-    let pending = match crate::process::prepare(&launch, fds) {
+    let pending = match crate::process::prepare(&launch, fds).and_then(|mut p| wire_console(&io, &mut p).map(|_| p)) {
         Ok(p) => p,
         Err(e) => {
             crate::io::registry().remove_container(id);
@@ -285,9 +285,11 @@ impl Container {
             None => {
                 let launch = inner.launch.take().ok_or_else(|| AgentError::Internal(format!("{}: nothing to start", p.who)))?;
                 let fds = p.io.take_child_fds().ok_or_else(|| AgentError::Internal(format!("{}: stdio already taken", p.who)))?;
-                let pending = crate::process::prepare(&launch, fds).inspect_err(|_| {
-                    p.exit.set(Exit { status: 255, at_ns: crate::reaper::now_ns() });
-                })?;
+                let pending = crate::process::prepare(&launch, fds)
+                    .and_then(|mut pending| wire_console(&p.io, &mut pending).map(|_| pending))
+                    .inspect_err(|_| {
+                        p.exit.set(Exit { status: 255, at_ns: crate::reaper::now_ns() });
+                    })?;
                 inner.pid = pending.pid;
                 crate::reaper::watch_with(pending.pid, p.exit.clone());
                 pending
@@ -367,6 +369,13 @@ impl Container {
         r.validate("resources")?;
         self.cgroup.apply(&r)
     }
+}
+
+/// Hands a terminal process's pty master (made by its helper) to its stdio; a
+/// failure gives up on the process.
+fn wire_console(io: &ProcessIo, pending: &mut crate::process::Pending) -> Result<()> {
+    let Some(master) = pending.console.take() else { return Ok(()) };
+    io.set_pty_master(master).inspect_err(|_| pending.kill())
 }
 
 /// Kills what is left of container `id`, frees its cgroup, stdio and storages.

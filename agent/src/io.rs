@@ -34,6 +34,10 @@ const STDIN_POLL_MS: u16 = 50;
 enum Out {
     /// Not attached yet: the agent holds the read end (the pipe buffers, then blocks).
     Waiting(File),
+    /// A terminal process's output before its pty exists (the helper makes it).
+    PtyPending,
+    /// Attached while the pty did not exist yet: copied from once it does.
+    Early(File),
     Attached,
     NotRequested,
 }
@@ -41,6 +45,8 @@ enum Out {
 struct Stdin {
     /// The write end, while no stream is attached and stdin is open.
     writer: Option<File>,
+    /// A stream attached before a terminal process's pty existed.
+    early: Option<File>,
     requested: bool,
     attached: bool,
     closed: bool,
@@ -55,7 +61,10 @@ pub struct ProcessIo {
     stdin: Mutex<Stdin>,
     stdout: Mutex<Out>,
     stderr: Mutex<Out>,
-    pty_master: Option<Arc<OwnedFd>>,
+    /// A terminal process's pty master, once the helper has made the pty.
+    pty_master: OnceLock<Arc<OwnedFd>>,
+    terminal: bool,
+    size: Option<(u16, u16)>,
     /// The process's ends, until the helper that starts it has received them.
     child_fds: Mutex<Option<[OwnedFd; 3]>>,
 }
@@ -100,31 +109,24 @@ impl ProcessIo {
                     "{who}: a terminal process has no separate stderr stream (stdio.stderr must be false)"
                 )));
             }
-            let pty = nix::pty::openpty(None, None).map_err(|e| internal("cannot open a pty", e))?;
-            for fd in [&pty.master, &pty.slave] {
-                nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC))
-                    .map_err(|e| internal("cannot set close-on-exec on the pty", e))?;
-            }
-            if let Some((rows, cols)) = size {
-                crate::sys::set_winsize(pty.master.as_fd(), rows, cols).map_err(|e| internal("cannot size the pty", e))?;
-            }
-            let master = Arc::new(pty.master);
-            let stdin_writer = if stdio.stdin { Some(File::from(dup(&*master)?)) } else { None };
-            let stdout = if stdio.stdout { Out::Waiting(File::from(dup(&*master)?)) } else { Out::NotRequested };
-            let fds = [dup(&pty.slave)?, dup(&pty.slave)?, pty.slave];
+            // The pty is made by the process's helper inside the container (see
+            // `set_pty_master`); the helper gets placeholders here.
             return Ok(ProcessIo {
                 who,
                 stdin: Mutex::new(Stdin {
-                    writer: stdin_writer,
+                    writer: None,
+                    early: None,
                     requested: stdio.stdin,
                     attached: false,
                     closed: false,
                     close_requested,
                 }),
-                stdout: Mutex::new(stdout),
+                stdout: Mutex::new(if stdio.stdout { Out::PtyPending } else { Out::NotRequested }),
                 stderr: Mutex::new(Out::NotRequested),
-                pty_master: Some(master),
-                child_fds: Mutex::new(Some(fds)),
+                pty_master: OnceLock::new(),
+                terminal: true,
+                size,
+                child_fds: Mutex::new(Some([dev_null()?, dev_null()?, dev_null()?])),
             });
         }
         let (stdin_child, stdin_writer) = if stdio.stdin {
@@ -147,6 +149,7 @@ impl ProcessIo {
             who,
             stdin: Mutex::new(Stdin {
                 writer: stdin_writer,
+                early: None,
                 requested: stdio.stdin,
                 attached: false,
                 closed: false,
@@ -154,7 +157,9 @@ impl ProcessIo {
             }),
             stdout: Mutex::new(stdout),
             stderr: Mutex::new(stderr),
-            pty_master: None,
+            pty_master: OnceLock::new(),
+            terminal: false,
+            size: None,
             child_fds: Mutex::new(Some([stdin_child, stdout_child, stderr_child])),
         })
     }
@@ -164,9 +169,49 @@ impl ProcessIo {
         self.child_fds.lock().ok()?.take()
     }
 
+    /// Wires a terminal process's pty (its master, from the helper that made it in
+    /// the container) to the streams: those attached already start copying.
+    pub fn set_pty_master(&self, master: OwnedFd) -> Result<()> {
+        if !self.terminal {
+            return Err(AgentError::Internal(format!("{}: a pty for a process without a terminal", self.who)));
+        }
+        if let Some((rows, cols)) = self.size {
+            crate::sys::set_winsize(master.as_fd(), rows, cols).map_err(|e| internal("cannot size the pty", e))?;
+        }
+        let master = Arc::new(master);
+        if self.pty_master.set(master.clone()).is_err() {
+            return Err(AgentError::Internal(format!("{}: the pty was set twice", self.who)));
+        }
+        {
+            let mut s = self.stdin.lock().map_err(|_| AgentError::Internal("stdin lock poisoned".into()))?;
+            if s.requested && !s.closed {
+                let writer = File::from(dup(&*master)?);
+                match s.early.take() {
+                    Some(conn) => {
+                        let close = s.close_requested.clone();
+                        let who = self.who.clone();
+                        spawn(move || copy_in(&who, conn, writer, &close));
+                    }
+                    None => s.writer = Some(writer),
+                }
+            }
+        }
+        let mut o = self.stdout.lock().map_err(|_| AgentError::Internal("stdout lock poisoned".into()))?;
+        match std::mem::replace(&mut *o, Out::Attached) {
+            Out::PtyPending => *o = Out::Waiting(File::from(dup(&*master)?)),
+            Out::Early(conn) => {
+                let src = File::from(dup(&*master)?);
+                let who = format!("{} Stdout", self.who);
+                spawn(move || copy_out(&who, src, conn));
+            }
+            other => *o = other,
+        }
+        Ok(())
+    }
+
     pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
-        let Some(m) = &self.pty_master else {
-            return Err(AgentError::FailedPrecondition(format!("{}: the process has no terminal", self.who)));
+        let Some(m) = self.pty_master.get() else {
+            return Err(AgentError::FailedPrecondition(format!("{}: the process has no terminal (yet)", self.who)));
         };
         crate::sys::set_winsize(m.as_fd(), rows, cols).map_err(|e| internal("cannot resize the pty", e))
     }
@@ -177,6 +222,7 @@ impl ProcessIo {
         let Ok(mut s) = self.stdin.lock() else { return };
         s.closed = true;
         s.writer = None;
+        s.early = None;
         s.close_requested.store(true, Ordering::SeqCst);
     }
 
@@ -185,7 +231,7 @@ impl ProcessIo {
         self.close_stdin();
         for out in [&self.stdout, &self.stderr] {
             if let Ok(mut o) = out.lock() {
-                if matches!(*o, Out::Waiting(_)) {
+                if matches!(*o, Out::Waiting(_) | Out::PtyPending | Out::Early(_)) {
                     *o = Out::NotRequested;
                 }
             }
@@ -200,11 +246,18 @@ impl ProcessIo {
         match kind {
             StreamKind::Stdin => {
                 let Ok(mut s) = self.stdin.lock() else { return };
-                if !s.requested || s.attached || s.closed {
+                if !s.requested || s.attached || s.closed || s.early.is_some() {
                     log::warn!("{}: stdin stream refused (not requested, already attached or closed)", self.who);
                     return;
                 }
-                let Some(writer) = s.writer.take() else { return };
+                let Some(writer) = s.writer.take() else {
+                    // A terminal process whose pty is not wired yet (or is being
+                    // wired: `set_pty_master` takes `early` under this lock).
+                    if self.terminal {
+                        s.early = Some(conn);
+                    }
+                    return;
+                };
                 s.attached = true;
                 let close = s.close_requested.clone();
                 let who = self.who.clone();
@@ -218,6 +271,7 @@ impl ProcessIo {
                         let who = format!("{} {kind:?}", self.who);
                         spawn(move || copy_out(&who, src, conn));
                     }
+                    Out::PtyPending => *o = Out::Early(conn),
                     other => {
                         *o = other;
                         log::warn!("{}: {kind:?} stream refused (not requested or already attached)", self.who);
@@ -459,6 +513,44 @@ mod tests {
         let mut b = b;
         b.read_to_end(&mut got).expect("read");
         assert_eq!(got, b"hello\n");
+    }
+
+    /// A terminal exec's streams attach before its helper made the pty: they are
+    /// held, then wired when the master arrives, in both directions.
+    #[test]
+    fn terminal_streams_attached_before_the_pty_are_wired_when_it_comes() {
+        let io = ProcessIo::new("c", "e", &stdio(true, true, false), true, Some((30, 100))).expect("io");
+        let fds = io.take_child_fds().expect("placeholders");
+        drop(fds);
+        assert!(io.resize(10, 10).is_err(), "no pty yet");
+        let (out_a, mut out_b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (in_a, mut in_b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        io.attach(StreamKind::Stdout, File::from(OwnedFd::from(out_a)));
+        io.attach(StreamKind::Stdin, File::from(OwnedFd::from(in_a)));
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        io.set_pty_master(pty.master).expect("wire");
+        assert!(io.set_pty_master(nix::pty::openpty(None, None).expect("pty").master).is_err(), "only once");
+        io.resize(40, 120).expect("resize now works");
+        // Raw mode on the slave, so bytes pass unchanged both ways.
+        let mut t = nix::sys::termios::tcgetattr(&pty.slave).expect("tcgetattr");
+        nix::sys::termios::cfmakeraw(&mut t);
+        nix::sys::termios::tcsetattr(&pty.slave, nix::sys::termios::SetArg::TCSANOW, &t).expect("tcsetattr");
+        in_b.write_all(b"ping").expect("write stdin");
+        let mut slave = File::from(pty.slave);
+        let mut got = [0u8; 4];
+        slave.read_exact(&mut got).expect("read from the slave");
+        assert_eq!(&got, b"ping");
+        slave.write_all(b"pong").expect("write to the slave");
+        drop(slave);
+        let mut out = Vec::new();
+        out_b.read_to_end(&mut out).expect("stdout ends when the slave closes");
+        assert_eq!(out, b"pong");
+    }
+
+    #[test]
+    fn a_pty_for_a_process_without_a_terminal_is_refused() {
+        let io = ProcessIo::new("c", "", &stdio(false, true, false), false, None).expect("io");
+        assert!(io.set_pty_master(nix::pty::openpty(None, None).expect("pty").master).is_err());
     }
 
     #[test]

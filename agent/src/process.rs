@@ -13,7 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::time::Duration;
 
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::error::{AgentError, Result};
 use crate::mounts::RootfsPlan;
@@ -61,6 +61,8 @@ pub enum Report {
 /// The agent's handle on a helper that set a process up and waits to exec it.
 pub struct Pending {
     pub pid: i32,
+    /// A terminal process's pty master (the pty lives in the container's devpts).
+    pub console: Option<OwnedFd>,
     sock: UnixStream,
     reader: BufReader<UnixStream>,
 }
@@ -83,9 +85,36 @@ pub fn exec_error(errno: i32, program: &str) -> AgentError {
     }
 }
 
+/// Receives the pty master a terminal process's helper sends on `console`.
+fn receive_console(console: &UnixStream) -> Result<OwnedFd> {
+    console.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| internal("socket timeout", e))?;
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(console.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(|e| internal("cannot receive the pty from the process helper", e))?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for c in msg.cmsgs().map_err(|e| internal("cannot receive the pty from the process helper", e))? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            fds.extend(raw.into_iter().map(crate::sys::owned_fd));
+        }
+    }
+    match <[OwnedFd; 1]>::try_from(fds) {
+        Ok([master]) => Ok(master),
+        Err(v) => Err(AgentError::Internal(format!("the process helper sent {} descriptors for the pty, not 1", v.len()))),
+    }
+}
+
 /// Starts a helper for `launch` and waits until the process is set up (or failed).
+/// A terminal process's pty is made by the helper inside the container and its
+/// master comes back in [`Pending::console`].
 pub fn prepare(launch: &Launch, fds: [OwnedFd; 3]) -> Result<Pending> {
     let (ours, theirs) = UnixStream::pair().map_err(|e| internal("cannot create the helper socket", e))?;
+    let console = if launch.process.terminal {
+        Some(UnixStream::pair().map_err(|e| internal("cannot create the console socket", e))?)
+    } else {
+        None
+    };
     let child = std::process::Command::new("/proc/self/exe")
         .arg0("moat-agent")
         .arg(HELPER_ARG)
@@ -98,10 +127,14 @@ pub fn prepare(launch: &Launch, fds: [OwnedFd; 3]) -> Result<Pending> {
     // The reaper collects the helper; nobody waits for it here.
     drop(crate::reaper::watch(child.id() as i32));
     drop(child);
-    let raw = [fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
+    let mut raw = vec![fds[0].as_raw_fd(), fds[1].as_raw_fd(), fds[2].as_raw_fd()];
+    if let Some((_, theirs)) = &console {
+        raw.push(theirs.as_raw_fd());
+    }
     sendmsg::<()>(ours.as_raw_fd(), &[IoSlice::new(b"F")], &[ControlMessage::ScmRights(&raw)], MsgFlags::empty(), None)
         .map_err(|e| internal("cannot pass stdio to the helper", e))?;
     drop(fds);
+    let console = console.map(|(ours, _theirs)| ours);
     let json = serde_json::to_vec(launch).map_err(|e| internal("cannot encode the launch", e))?;
     let mut w = &ours;
     w.write_all(&(json.len() as u32).to_le_bytes())
@@ -109,7 +142,7 @@ pub fn prepare(launch: &Launch, fds: [OwnedFd; 3]) -> Result<Pending> {
         .map_err(|e| internal("cannot send the launch to the helper", e))?;
     ours.set_read_timeout(Some(SETUP_TIMEOUT)).map_err(|e| internal("socket timeout", e))?;
     let reader = BufReader::new(ours.try_clone().map_err(|e| internal("cannot clone the helper socket", e))?);
-    let mut p = Pending { pid: 0, sock: ours, reader };
+    let mut p = Pending { pid: 0, console: None, sock: ours, reader };
     let mut ready = false;
     while p.pid == 0 || !ready {
         match p.next()? {
@@ -123,6 +156,16 @@ pub fn prepare(launch: &Launch, fds: [OwnedFd; 3]) -> Result<Pending> {
             None => {
                 p.kill();
                 return Err(AgentError::Internal(format!("{}: the process helper died during setup", launch.who)));
+            }
+        }
+    }
+    if let Some(c) = &console {
+        // Sent before Ready, so it is waiting in the socket.
+        match receive_console(c) {
+            Ok(master) => p.console = Some(master),
+            Err(e) => {
+                p.kill();
+                return Err(e);
             }
         }
     }
@@ -141,7 +184,8 @@ impl Pending {
         }
     }
 
-    fn kill(&self) {
+    /// Kills the helper (the process never runs).
+    pub fn kill(&self) {
         if self.pid > 0 {
             let _ = crate::sys::kill(self.pid, libc::SIGKILL);
         }

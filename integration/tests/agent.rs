@@ -41,7 +41,7 @@ fn make_rootfs_image(dir: &Path) -> PathBuf {
     assert!(!has_interpreter(&bytes), "{} is dynamically linked; install busybox-static", busybox.display());
     std::fs::write(root.join("bin/busybox"), &bytes).expect("copy busybox");
     set_mode(&root.join("bin/busybox"), 0o755);
-    for tool in ["sh", "cat", "echo", "sleep", "stty", "hostname", "seq", "true", "head", "id", "ls", "wc"] {
+    for tool in ["sh", "cat", "echo", "sleep", "stty", "tty", "hostname", "seq", "true", "head", "id", "ls", "wc"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(tool)).expect("symlink");
     }
     std::fs::write(root.join("bin/not-executable"), b"#!/bin/sh\necho no\n").expect("write");
@@ -341,7 +341,7 @@ fn exec_signal_and_terminal(vm: &Vm, a: &AgentClient) {
     println!("ok: exec in a running container; SIGTERM -> 143");
 
     // A terminal, resized before the program reads its size.
-    exec(a, "box", "tty", process(&["sh", "-c", "read line; stty size"], true), stdio(true, true, false));
+    exec(a, "box", "tty", process(&["sh", "-c", "read line; tty && stty size"], true), stdio(true, true, false));
     let mut input = vm.stream("box", "tty", StreamKind::Stdin);
     let out = vm.stream("box", "tty", StreamKind::Stdout);
     start(a, "box", "tty");
@@ -350,6 +350,8 @@ fn exec_signal_and_terminal(vm: &Vm, a: &AgentClient) {
     input.write_all(b"go\n").expect("write to the tty");
     let text = String::from_utf8_lossy(&read_all(out)).into_owned();
     assert!(text.contains("45 123"), "stty size after resize: {text:?}");
+    // The pty is the container's own (its devpts): ttyname works inside.
+    assert!(text.contains("/dev/pts/"), "tty inside the container: {text:?}");
     assert_eq!(wait(a, "box", "tty"), 0);
     println!("ok: terminal resize seen by stty ({text:?})");
 

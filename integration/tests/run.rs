@@ -524,7 +524,7 @@ fn tty_with_resize() {
     let (master, slave) = openpty(33, 101);
     let slave_path = nix::unistd::ttyname(&slave).expect("ttyname");
     let mut child = moat_cmd(&["-t", "-i", &img("busybox-oci"), "--", "sh", "-c",
-        "test -t 0 && test -t 1 && echo is-a-tty; stty size; while read x; do [ \"$x\" = q ] && exit 7; stty size; done"])
+        "test -t 0 && test -t 1 && tty && echo is-a-tty; stty size; while read x; do [ \"$x\" = q ] && exit 7; stty size; done"])
         .stdin(Stdio::from(slave.try_clone().expect("dup")))
         .stdout(Stdio::from(slave.try_clone().expect("dup")))
         .stderr(Stdio::from(slave))
