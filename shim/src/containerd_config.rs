@@ -145,7 +145,7 @@ pub struct FileState {
 pub fn inspect(path: &Path, text: &str) -> Result<FileState, ContainerdConfigError> {
     let doc: toml::Table = toml::from_str(text).map_err(|e| ContainerdConfigError::Parse {
         path: path.to_path_buf(),
-        line: e.span().map_or(1, |s| text[..s.start.min(text.len())].matches('\n').count() + 1),
+        line: e.span().map_or(1, |s| text.as_bytes().iter().take(s.start).filter(|&&b| b == b'\n').count() + 1),
         // toml's message may span lines; a report line must not.
         message: e.message().trim().lines().map(str::trim).collect::<Vec<_>>().join("; "),
     })?;
