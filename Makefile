@@ -64,6 +64,22 @@ install: build guest
 	install -D -m 0644 $(GUEST)/vmlinux $(DESTDIR)$(SHAREDIR)/vmlinux
 	install -D -m 0644 $(GUEST)/bzImage $(DESTDIR)$(SHAREDIR)/bzImage
 	install -D -m 0644 $(GUEST)/initramfs.cpio.gz $(DESTDIR)$(SHAREDIR)/initramfs.cpio.gz
+	@# The host config, every key commented out at its default; an existing one is the
+	@# admin's and stays as it is.
+	@if [ -e $(DESTDIR)/etc/moat/config.toml ]; then \
+	  echo "keeping $(DESTDIR)/etc/moat/config.toml (every key and its default: config/moat.toml.example)"; \
+	else \
+	  echo "install -D -m 0644 config/moat.toml.example $(DESTDIR)/etc/moat/config.toml"; \
+	  install -D -m 0644 config/moat.toml.example $(DESTDIR)/etc/moat/config.toml; \
+	fi
+	@# containerd's CRI runtime entry: printed, or added with CONTAINERD=apply.
+	@if [ "$(CONTAINERD)" = apply ]; then \
+	  $(DESTDIR)$(PREFIX)/bin/moat containerd-config --apply $(DESTDIR)/etc/containerd/config.toml; \
+	else \
+	  echo "For Kubernetes (CRI), containerd's config needs this entry (make install CONTAINERD=apply adds it):"; \
+	  $(DESTDIR)$(PREFIX)/bin/moat containerd-config || echo "(see moat containerd-config --help)"; \
+	  echo "Then check the host: moat doctor"; \
+	fi
 
 # moat's main job on its embedded defaults: run a container (the busybox test image)
 # in a microVM and show it ran on the guest's own kernel.
