@@ -372,7 +372,7 @@ fn containerd_checks(bin: Option<&Path>, config: &Path) -> Vec<Check> {
             return out;
         }
         (Some(3), Some(1)) => {
-            out.push(Check::fail(format!("containerd config {name} is version 3, which containerd 1.x cannot read"), "write it as version 2 or upgrade containerd"));
+            out.push(Check::fail(format!("containerd config {name} is version 3, whose plugin sections containerd 1.x does not know"), "write it as version 2 or upgrade containerd"));
             return out;
         }
         (Some(2), _) => ConfigVersion::V2,
