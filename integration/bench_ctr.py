@@ -359,6 +359,7 @@ def report(version_line, runs, times, boot, mem, k, settle):
         per = ", ".join(f"{mib(x['total'])} ({x['nprocs']} procs)" for x in mem[rt])
         print(f"  {rt} per container total: {per}")
     print("  Kata Containers measures about 125 MB per pod beyond guest RAM; PSS leaves out kernel memory.")
+    sys.stdout.flush()  # before the next containerd's progress lines on stderr
 
 
 # ---------------------------------------------------------------------- main
@@ -427,7 +428,7 @@ def bench(version, a, tmp):
                     break
                 time.sleep(0.5)
             errors += [f"left behind after delete: state dir {d}" for d in left_dirs]
-            print(f"bench-ctr: clean-up: {len(pod_pids) - len(left)} of {len(pod_pids)} idle pods' processes gone, "
+            print(f"bench-ctr: clean-up: {len(pod_pids) - len(left)} of {len(pod_pids)} processes of the idle pods gone, "
                   f"{len(dirs) - len(left_dirs)} of {len(dirs)} moat state dirs gone", file=sys.stderr)
             for p in left:
                 errors.append(f"left behind after delete: pid {p} ({comm(p)}); killing it")
