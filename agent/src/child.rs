@@ -151,6 +151,14 @@ fn run(launch: &Launch, fds: [OwnedFd; 3], console: Option<OwnedFd>, sock: Owned
     }
     credentials(p)?;
     let env = environment(p);
+    // A program that is not there (or not executable by this user) fails the
+    // setup, as runc's create does: the manager then never has a created process
+    // that cannot start (ctr and Docker clean up after a failed create, not after a
+    // failed start).
+    if let Err(errno) = find_program(p, &env) {
+        rep.send(&Report::Exec { errno, program: p.args[0].clone() });
+        std::process::exit(127);
+    }
     rep.send(&Report::Ready);
     let mut start = [0u8; 1];
     let mut f = File::from(sock);
@@ -318,10 +326,25 @@ pub fn lookup(program: &str, path: &str) -> Result<String, i32> {
     Err(if denied { libc::EACCES } else { libc::ENOENT })
 }
 
-fn exec(p: &Process, env: &[String], rep: &mut Reporter) -> R<()> {
+/// The program to execute, looked up as execvp does with the process's PATH; an
+/// explicit path must name an executable file. Err: the errno execve would give.
+fn find_program(p: &Process, env: &[String]) -> Result<String, i32> {
     let path_env = env.iter().rev().find_map(|e| e.strip_prefix("PATH=")).unwrap_or(DEFAULT_PATH);
     let program = &p.args[0];
-    let resolved = match lookup(program, path_env) {
+    let resolved = lookup(program, path_env)?;
+    match std::fs::metadata(&resolved) {
+        Err(e) => Err(e.raw_os_error().unwrap_or(libc::ENOENT)),
+        Ok(m) if m.is_dir() => Err(libc::EACCES),
+        Ok(_) => match nix::unistd::access(resolved.as_str(), nix::unistd::AccessFlags::X_OK) {
+            Ok(()) => Ok(resolved),
+            Err(e) => Err(e as i32),
+        },
+    }
+}
+
+fn exec(p: &Process, env: &[String], rep: &mut Reporter) -> R<()> {
+    let program = &p.args[0];
+    let resolved = match find_program(p, env) {
         Ok(r) => r,
         Err(errno) => {
             rep.send(&Report::Exec { errno, program: program.clone() });

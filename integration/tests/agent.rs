@@ -291,18 +291,32 @@ fn stdin_round_trip(vm: &Vm, a: &AgentClient) {
     println!("ok: stdin round trip with a half-closed stream");
 }
 
+fn create_request(id: &str, spec: Vec<u8>) -> CreateContainerRequest {
+    CreateContainerRequest {
+        container_id: id.into(),
+        spec,
+        storages: vec![Storage { source: "/dev/vda".into(), fstype: "ext4".into(), target: ROOTFS.into(), ..Default::default() }],
+        stdio: stdio(false, false, false),
+        ..Default::default()
+    }
+}
+
 fn exec_errors(a: &AgentClient) {
-    create(a, "missing", spec(&["no-such-command"], |_| {}), stdio(false, false, false));
-    let e = a.start_process(ctx(), &pref("missing", "")).expect_err("missing command");
+    // The program is checked while the container is set up (as runc's create does),
+    // so a container that could never start is never created.
+    let e = a.create_container(ctx(), &create_request("missing", spec(&["no-such-command"], |_| {}))).expect_err("missing command");
     assert_eq!(code_of(&e), ttrpc::Code::NOT_FOUND, "{e:?}");
     assert!(format!("{e:?}").contains("no-such-command"), "{e:?}");
-    assert_eq!(wait(a, "missing", ""), 127);
-    remove(a, "missing");
-    create(a, "noexec", spec(&["/bin/not-executable"], |_| {}), stdio(false, false, false));
-    let e = a.start_process(ctx(), &pref("noexec", "")).expect_err("not executable");
+    let e = a.start_process(ctx(), &pref("missing", "")).expect_err("no such container");
+    assert_eq!(code_of(&e), ttrpc::Code::NOT_FOUND, "the failed create left nothing: {e:?}");
+    let e = a.create_container(ctx(), &create_request("noexec", spec(&["/bin/not-executable"], |_| {}))).expect_err("not executable");
     assert_eq!(code_of(&e), ttrpc::Code::PERMISSION_DENIED, "{e:?}");
-    remove(a, "noexec");
-    println!("ok: missing command -> NotFound, non-executable -> PermissionDenied");
+    // The same id works once the program is there.
+    create(a, "missing", spec(&["true"], |_| {}), stdio(false, false, false));
+    start(a, "missing", "");
+    assert_eq!(wait(a, "missing", ""), 0);
+    remove(a, "missing");
+    println!("ok: missing command -> NotFound, non-executable -> PermissionDenied, both at create");
 }
 
 fn exec_signal_and_terminal(vm: &Vm, a: &AgentClient) {

@@ -255,7 +255,12 @@ fn run_in(
         stdio: Some(ProtoStdio { stdin: opts.interactive, stdout: true, stderr: !opts.tty, ..Default::default() }).into(),
         ..Default::default()
     };
-    agent.create_container(&req).map_err(RunError::Create)?;
+    // The agent checks the program while it sets the container up.
+    agent.create_container(&req).map_err(|e| match e {
+        AgentError::NotFound(msg) => RunError::NotFound { cmd: cmd.to_string(), msg },
+        AgentError::PermissionDenied(msg) => RunError::NotExecutable { cmd: cmd.to_string(), msg },
+        other => RunError::Create(other),
+    })?;
     let proc_id = ProcessId { container: id.to_string(), exec: String::new() };
 
     let out_stream = open_stream(&uds, id, "", StreamKind::Stdout).map_err(|e| RunError::Stdio("stdout", e))?;
