@@ -1,0 +1,82 @@
+//! containerd-shim-moat-v2 under real containerd 1.6 and 2.x (driven by ctr) and
+//! under Docker 28, end to end: the scenarios are the shell scripts
+//! integration/ctr_test.sh and integration/docker_test.sh, which need the test
+//! host's engines (containerd 1.6 from bookworm, containerd 2.x and Docker 28 from
+//! sid, see integration/testhost) and `make install`ed moat on PATH.
+//!
+//! Every test boots Linux guests, so they are `#[ignore]`d; `make test-kvm` runs each
+//! in its own test host. A script prints each step and its output; the test fails
+//! if the script does.
+
+use std::process::Command;
+
+use moat_integration::kvm_boots_linux;
+
+fn script(args: &[&str]) {
+    assert!(
+        kvm_boots_linux(),
+        "this test boots Linux and /dev/kvm here cannot (missing or PVM); run it through `make test-kvm`"
+    );
+    assert_eq!(
+        std::env::var("MOAT_TESTHOST").as_deref(),
+        Ok("1"),
+        "this test needs the test host's containerd and Docker builds and moat installed; run it through `make test-kvm`"
+    );
+    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let status = Command::new("bash").args(args).current_dir(repo).status().expect("run bash");
+    assert!(status.success(), "`bash {}` failed ({status}); its steps are printed above", args.join(" "));
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_1_6_basic() {
+    script(&["integration/ctr_test.sh", "1.6", "basic"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_1_6_task() {
+    script(&["integration/ctr_test.sh", "1.6", "task"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_1_6_recovery() {
+    script(&["integration/ctr_test.sh", "1.6", "recovery"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_1_6_parallel() {
+    script(&["integration/ctr_test.sh", "1.6", "parallel"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_2_basic() {
+    script(&["integration/ctr_test.sh", "2", "basic"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_2_task() {
+    script(&["integration/ctr_test.sh", "2", "task"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_2_recovery() {
+    script(&["integration/ctr_test.sh", "2", "recovery"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn ctr_containerd_2_parallel() {
+    script(&["integration/ctr_test.sh", "2", "parallel"]);
+}
+
+#[test]
+#[ignore = "boots Linux: run by `make test-kvm`"]
+fn docker_28() {
+    script(&["integration/docker_test.sh"]);
+}
