@@ -49,12 +49,14 @@ guest: build
 	python3 rootfs/mkinitramfs.py $(BIN)/moat-agent $(GUEST)/initramfs.cpio.gz
 
 # Test images from Debian's busybox-static in the three forms `moat run` takes, built
-# locally (no registry): an OCI layout, a docker-save tarball and a plain rootfs.
+# locally (no registry): an OCI layout, a docker-save tarball and a plain rootfs; and
+# the CRI tests' sandbox ("pause") image, as a docker-save tarball.
 images: $(IMAGES)/.stamp
 $(IMAGES)/.stamp: integration/mkimage.py $(BUILD)/.deps
 	python3 integration/mkimage.py oci $(IMAGES)/busybox-oci
 	python3 integration/mkimage.py docker-save $(IMAGES)/busybox.tar
 	python3 integration/mkimage.py rootfs $(IMAGES)/busybox-rootfs
+	python3 integration/mkimage.py pause $(IMAGES)/pause.tar
 	@touch $@
 
 install: build guest

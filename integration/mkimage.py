@@ -4,6 +4,9 @@
     mkimage.py oci DIR          an OCI image layout directory (index.json, blobs/)
     mkimage.py docker-save TAR  a `docker save` tarball (manifest.json, layer tars)
     mkimage.py rootfs DIR       the unpacked root filesystem only
+    mkimage.py pause TAR        a `docker save` tarball of moat-test/pause:latest, the
+                                CRI sandbox ("pause") image of the CRI tests: the same
+                                layers, run as a process that sleeps until signalled
 
 The output is reproducible (fixed mtimes, sorted entries), so its digests are stable
 and moat's image cache is exercised across runs. Two layers, so that whiteouts are
@@ -72,12 +75,19 @@ def sha(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def image():
+# The pause image's process: PID 1 of the pod's sandbox container. It must stay up
+# while the pod lives and end at once on SIGTERM/SIGINT (as PID 1 it has no default
+# handlers), like Kubernetes' own pause.
+PAUSE_CMD = ["/bin/sh", "-c", "trap 'exit 0' TERM INT; sleep 2147483647 & wait"]
+
+
+def image(name="busybox"):
     layers = [base_layer(), top_layer()]
+    cmd = PAUSE_CMD if name == "pause" else ["sh"]
     config = {
         "architecture": "amd64", "os": "linux", "created": "1970-01-01T00:00:00Z",
-        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "MOAT_IMAGE=busybox"],
-                   "Cmd": ["sh"], "WorkingDir": "/"},
+        "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "MOAT_IMAGE=" + name],
+                   "Cmd": cmd, "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": ["sha256:" + sha(l) for l in layers]},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "moat integration/mkimage.py"}] * 2,
     }
@@ -110,8 +120,8 @@ def write_oci(out):
         f.write(b'{"imageLayoutVersion":"1.0.0"}')
 
 
-def write_docker_save(out):
-    layers, config = image()
+def write_docker_save(out, name="busybox"):
+    layers, config = image(name)
     with tarfile.open(out, "w", format=tarfile.PAX_FORMAT) as t:
         def add(name, data):
             t.addfile(tar_info(name, size=len(data)), io.BytesIO(data))
@@ -121,7 +131,7 @@ def write_docker_save(out):
             add(sha(l) + "/layer.tar", l)
             names.append(sha(l) + "/layer.tar")
         add(sha(config) + ".json", config)
-        add("manifest.json", json.dumps([{"Config": sha(config) + ".json", "RepoTags": ["moat-test/busybox:latest"],
+        add("manifest.json", json.dumps([{"Config": sha(config) + ".json", "RepoTags": [f"moat-test/{name}:latest"],
                                           "Layers": names}]).encode())
 
 
@@ -141,12 +151,13 @@ def write_rootfs(out):
 
 
 def main():
-    if len(sys.argv) != 3 or sys.argv[1] not in ("oci", "docker-save", "rootfs"):
+    if len(sys.argv) != 3 or sys.argv[1] not in ("oci", "docker-save", "rootfs", "pause"):
         sys.exit(__doc__)
     kind, out = sys.argv[1], sys.argv[2]
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True) if os.path.isdir(tmp) else None
-    {"oci": write_oci, "docker-save": write_docker_save, "rootfs": write_rootfs}[kind](tmp)
+    {"oci": write_oci, "docker-save": write_docker_save, "rootfs": write_rootfs,
+     "pause": lambda out: write_docker_save(out, "pause")}[kind](tmp)
     if os.path.isdir(out):
         shutil.rmtree(out)
     os.replace(tmp, out)
