@@ -126,13 +126,19 @@ exit_is() { # want CMD...
 	[ "$rc" = "$want" ]
 }
 
-with_tty() { # CMD...: run under a pseudo-terminal (script(1)); output must say tty-ok
+# Runs CMD... on a new pseudo-terminal (Python's pty.spawn: the command is a session
+# leader with the pty as its controlling terminal, our stdin is /dev/null and its
+# EOF does not end the session) and exits with CMD's status.
+on_pty() {
+	python3 -c 'import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))' "$@" </dev/null
+}
+
+with_tty() { # CMD...: run on a pty; output must say tty-ok and name the container's pty
 	local o
 	# timeout(1) would run ctr in a background process group of the pty, where
 	# ctr's raw-mode setup stops it (SIGTTOU): keep it in the foreground.
 	[ "$1" = timeout ] && set -- timeout --foreground "${@:2}"
-	# script(1) ends at EOF of its stdin: give it one that stays open meanwhile.
-	o=$(script -qec "$(printf '%q ' "$@")" /dev/null < <(sleep 100)) || { echo "$o"; return 1; }
+	o=$(on_pty "$@") || { echo "$o"; return 1; }
 	echo "$o"
 	[[ "$o" == *tty-ok* && "$o" == */dev/pts/* ]]
 }

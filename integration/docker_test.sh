@@ -123,9 +123,11 @@ big_stdout() { # 6.9 MB through docker's attach, complete and in order
 	[ "$got" = "$want" ]
 }
 
-tty_t() { # docker run -t under a pty: the container's own pty
+tty_t() { # docker run -t on a pty (see on_pty in ctr_test.sh): the container's own pty
 	local o
-	o=$(script -qec "timeout --foreground 300 $d28/docker -H unix://$d/docker.sock run --rm -t --network none --runtime moat $image sh -c 'tty; echo tty-ok'" /dev/null < <(sleep 300)) || { echo "$o"; return 1; }
+	o=$(python3 -c 'import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))' \
+		timeout --foreground 300 "$d28/docker" -H "unix://$d/docker.sock" run --rm -t --network none --runtime moat "$image" \
+		sh -c 'tty; echo tty-ok' </dev/null) || { echo "$o"; return 1; }
 	echo "$o"
 	[[ "$o" == *tty-ok* && "$o" == */dev/pts/* ]]
 }
