@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 pub const RUNTIME_NAME: &str = "moat";
 /// The runtime type; containerd turns it into the binary name containerd-shim-moat-v2.
 pub const RUNTIME_TYPE: &str = "io.containerd.moat.v2";
+/// The pod annotations the CRI plugin must pass to moat (the shim's `io.moat.*` keys).
+pub const POD_ANNOTATIONS: &str = "io.moat.*";
 /// Where containerd reads its config unless started with `--config`.
 pub const DEFAULT_CONTAINERD_CONFIG: &str = "/etc/containerd/config.toml";
 
@@ -95,11 +97,14 @@ impl ConfigVersion {
         }
     }
 
-    /// The lines that register moat's runtime for CRI.
+    /// The lines that register moat's runtime for CRI. `pod_annotations` lets a pod's
+    /// `io.moat.*` annotations (its VM size) through: the CRI plugin passes a pod's
+    /// annotations to the runtime only if they match that list, and drops the others
+    /// without a word.
     pub fn snippet(self) -> String {
         format!(
             "# moat: each pod in its own KVM microVM (containerd-shim-moat-v2 must be on containerd's PATH)\n\
-             [{}]\n  runtime_type = \"{RUNTIME_TYPE}\"\n",
+             [{}]\n  runtime_type = \"{RUNTIME_TYPE}\"\n  pod_annotations = [\"{POD_ANNOTATIONS}\"]\n",
             self.table()
         )
     }
@@ -332,7 +337,12 @@ mod tests {
             let file = format!("version = {}\n{}", v.number(), v.snippet());
             let s = inspect(Path::new("x"), &file).expect("snippet parses");
             assert_eq!(s.moat, Registration::Registered, "{file}");
+            let doc: toml::Table = toml::from_str(&file).expect("valid");
+            let moat = &doc["plugins"][v.cri_plugin()]["containerd"]["runtimes"][RUNTIME_NAME];
+            let passed = moat["pod_annotations"].as_array().expect("pod_annotations is a list");
+            assert_eq!(passed.iter().filter_map(toml::Value::as_str).collect::<Vec<_>>(), ["io.moat.*"], "{file}");
         }
+        assert_eq!(POD_ANNOTATIONS, format!("{}*", crate::oci::MOAT_ANNOTATION_PREFIX), "the keys the shim reads");
         assert!(ConfigVersion::V2.snippet().contains("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.moat]"));
         assert!(ConfigVersion::V3.snippet().contains("[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.moat]"));
         assert!(matches!(ConfigVersion::for_containerd(3), Err(ContainerdConfigError::UnsupportedContainerd(3))));
