@@ -48,7 +48,14 @@ pub fn to_ttrpc(e: TaskError) -> ttrpc::Error {
 
 fn result<T>(what: &str, id: &str, r: Result<T, TaskError>) -> TtrpcResult<T> {
     r.map_err(|e| {
-        log::error!("{id}: {what}: {e}");
+        // containerd kills processes that already ended and deletes tasks that are
+        // gone as a matter of course (the CRI plugin on every StopPodSandbox, on
+        // every failed create), and takes NotFound as "done": not an error to log.
+        if matches!(e, TaskError::NotFound(_)) {
+            log::debug!("{id}: {what}: {e}");
+        } else {
+            log::error!("{id}: {what}: {e}");
+        }
         to_ttrpc(e)
     })
 }
