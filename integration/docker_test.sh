@@ -167,6 +167,17 @@ stats_once() {
 	[[ "$o" == st* ]] && [[ "$o" != *"0B / 0B"* ]]
 }
 
+update_resources() { # docker update reaches the container's cgroup in the guest
+	local before after
+	"${docker[@]}" run -d --name up --network none --runtime moat "$image" sleep 1000 || return
+	before=$("${docker[@]}" exec up cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max | tr '\n' ' ')
+	"${docker[@]}" update --memory 64m --memory-swap 64m --pids-limit 33 up || { "${docker[@]}" rm -f up >/dev/null; return 1; }
+	after=$("${docker[@]}" exec up cat /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max | tr '\n' ' ')
+	"${docker[@]}" rm -f up >/dev/null
+	echo "memory.max pids.max before: $before; after docker update: $after"
+	[ "$after" = "67108864 33 " ]
+}
+
 leftovers() {
 	local bad i
 	for ((i = 0; i < 40; i++)); do
@@ -198,6 +209,7 @@ check "docker run -t: a tty inside" tty_t
 check "run -d, exec, stop (TERM handler), logs, rm" detached_lifecycle
 check "docker kill: 137" kill_container
 check "docker stats" stats_once
+check "docker update: memory and pids limits" update_resources
 check "nothing left" leftovers
 
 echo "====="

@@ -17,6 +17,9 @@ pub const DEFAULT_STATE_DIR: &str = "/run/moat";
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/moat/images";
 pub const DEFAULT_HOST_VCPUS: u8 = 1;
 pub const DEFAULT_HOST_MEMORY_MIB: u32 = 256;
+/// How long a microVM may take from the VMM's start to its agent answering.
+pub const DEFAULT_BOOT_TIMEOUT_SECS: u32 = 120;
+const MAX_BOOT_TIMEOUT_SECS: u64 = 3600;
 
 /// The host-wide settings of moat's runtime (`moat`, containerd-shim-moat-v2).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +40,8 @@ pub struct MoatConfig {
     pub state_dir: PathBuf,
     /// Unpacked images, keyed by their config digest.
     pub image_dir: PathBuf,
+    /// Seconds a microVM may take to boot to its agent before the start fails.
+    pub boot_timeout_secs: u32,
 }
 
 /// The file's shape: every key optional, unknown keys refused.
@@ -51,6 +56,7 @@ struct ConfigFile {
     memory_mib: Option<u64>,
     state_dir: Option<PathBuf>,
     image_dir: Option<PathBuf>,
+    boot_timeout_secs: Option<u64>,
 }
 
 /// Why the host config could not be loaded.
@@ -88,6 +94,7 @@ impl MoatConfig {
             memory_mib: DEFAULT_HOST_MEMORY_MIB,
             state_dir: DEFAULT_STATE_DIR.into(),
             image_dir: DEFAULT_IMAGE_DIR.into(),
+            boot_timeout_secs: DEFAULT_BOOT_TIMEOUT_SECS,
         }
     }
 
@@ -138,6 +145,11 @@ impl MoatConfig {
             Some(n) => crate::check_memory(n).map_err(|e| value_err(e.to_string()))?,
             None => defaults.memory_mib,
         };
+        let boot_timeout_secs = match file.boot_timeout_secs {
+            Some(n) if (1..=MAX_BOOT_TIMEOUT_SECS).contains(&n) => n as u32,
+            Some(n) => return Err(value_err(format!("boot_timeout_secs must be between 1 and {MAX_BOOT_TIMEOUT_SECS}, got {n}"))),
+            None => defaults.boot_timeout_secs,
+        };
         let abs = |key: &str, v: Option<PathBuf>, d: PathBuf| -> Result<PathBuf, HostConfigError> {
             match v {
                 Some(p) if p.is_absolute() => Ok(p),
@@ -154,6 +166,7 @@ impl MoatConfig {
             memory_mib,
             state_dir: abs("state_dir", file.state_dir, defaults.state_dir)?,
             image_dir: abs("image_dir", file.image_dir, defaults.image_dir)?,
+            boot_timeout_secs,
         })
     }
 }
@@ -284,7 +297,7 @@ mod tests {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 8, "{uncommented}");
+        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 9, "{uncommented}");
         let other = MoatConfig {
             vmm: "/x/vmm".into(),
             kernel: "/x/kernel".into(),
@@ -294,8 +307,18 @@ mod tests {
             memory_mib: d.memory_mib + 1,
             state_dir: "/x/state".into(),
             image_dir: "/x/images".into(),
+            boot_timeout_secs: d.boot_timeout_secs + 1,
         };
         assert_eq!(MoatConfig::from_toml(path, &uncommented, other).expect("uncommented"), d);
+    }
+
+    #[test]
+    fn boot_timeout_is_bounded() {
+        assert_eq!(parse("boot_timeout_secs = 900").expect("900").boot_timeout_secs, 900);
+        for bad in ["boot_timeout_secs = 0", "boot_timeout_secs = 3601"] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains("boot_timeout_secs must be between 1 and 3600"), "{e}");
+        }
     }
 
     #[test]

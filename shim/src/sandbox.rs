@@ -43,8 +43,6 @@ use crate::vsock::{dial, DialError};
 pub const FS_TAG: &str = "moatfs";
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED: &str = "/run/moat/shared";
-/// How long the guest may take to boot to its agent.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long virtiofsd may take to create its socket.
 const FS_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the guest gets to power off after Shutdown before the VMM is signalled.
@@ -233,7 +231,7 @@ impl Sandbox {
         // On error, Drop tears down whatever was started.
         sb.start_fs(cfg, spec)?;
         sb.start_vmm(cfg, spec)?;
-        sb.connect_agent(cancel)?;
+        sb.connect_agent(Duration::from_secs(u64::from(cfg.boot_timeout_secs)), cancel)?;
         Ok(sb)
     }
 
@@ -415,7 +413,7 @@ impl Sandbox {
         format!("moat-vmm {status}; guest console:\n{console}{vmm_log}")
     }
 
-    fn connect_agent(&mut self, cancel: &Arc<AtomicBool>) -> Result<(), SandboxError> {
+    fn connect_agent(&mut self, boot_timeout: Duration, cancel: &Arc<AtomicBool>) -> Result<(), SandboxError> {
         let start = Instant::now();
         let stream = loop {
             if cancel.load(Ordering::Relaxed) {
@@ -424,8 +422,8 @@ impl Sandbox {
             if let Some(status) = self.vmm_exited() {
                 return Err(SandboxError::VmmExited { status: status.to_string(), console: self.console_and_vmm_log() });
             }
-            if start.elapsed() > BOOT_TIMEOUT {
-                return Err(SandboxError::BootTimeout { secs: BOOT_TIMEOUT.as_secs(), console: self.console_and_vmm_log() });
+            if start.elapsed() > boot_timeout {
+                return Err(SandboxError::BootTimeout { secs: boot_timeout.as_secs(), console: self.console_and_vmm_log() });
             }
             if self.vsock.exists() {
                 // Until the agent listens, the VMM may refuse, close, or leave the
