@@ -20,6 +20,8 @@
 # - Neither containerd reports a task's exit status in `ctr task ls`; the tests
 #   read it from `ctr run` (foreground) or `ctr task exec`.
 set -uo pipefail
+# shellcheck source=integration/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 image_tar=build/images/busybox.tar
 image=docker.io/moat-test/busybox:latest
@@ -127,13 +129,6 @@ exit_is() { # want CMD...
 	[ "$rc" = "$want" ]
 }
 
-# Runs CMD... on a new pseudo-terminal (Python's pty.spawn: the command is a session
-# leader with the pty as its controlling terminal, our stdin is /dev/null and its
-# EOF does not end the session) and exits with CMD's status.
-on_pty() {
-	python3 -c 'import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))' "$@" </dev/null
-}
-
 with_tty() { # CMD...: run on a pty; output must say tty-ok and name the container's pty
 	local o
 	# timeout(1) would run ctr in a background process group of the pty, where
@@ -167,26 +162,6 @@ wait_status() { # want task ctr...
 	done
 	"$@" task ls
 	return 1
-}
-
-leftovers() { # nothing of moat is left (polls up to 20 s: processes take a moment to go)
-	local bad i
-	for ((i = 0; i < 40; i++)); do
-		bad=0
-		[ -z "$(ls /run/moat 2>/dev/null)" ] || bad=1
-		pgrep moat-vmm >/dev/null && bad=1
-		pgrep virtiofsd >/dev/null && bad=1
-		pgrep -f containerd-shim-moat >/dev/null && bad=1
-		grep -q /run/moat /proc/self/mountinfo && bad=1
-		[ $bad = 0 ] && break
-		sleep 0.5
-	done
-	echo "state dirs: $(ls /run/moat 2>/dev/null | tr '\n' ' ')"
-	pgrep -a moat-vmm
-	pgrep -a virtiofsd
-	pgrep -af containerd-shim-moat
-	grep /run/moat /proc/self/mountinfo
-	return $bad
 }
 
 run_moat() { # ctr... -- ARGS: ctr run --rm with the moat runtime

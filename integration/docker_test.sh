@@ -21,6 +21,8 @@
 # Every container must prove it ran in the microVM (`uname -r` is the guest
 # kernel); afterwards no VMM, fs backend, shim, state dir or mount may be left.
 set -uo pipefail
+# shellcheck source=integration/lib.sh
+. "$(dirname "$0")/lib.sh"
 
 image_tar=build/images/busybox.tar
 image=moat-test/busybox
@@ -123,11 +125,10 @@ big_stdout() { # 6.9 MB through docker's attach, complete and in order
 	[ "$got" = "$want" ]
 }
 
-tty_t() { # docker run -t on a pty (see on_pty in ctr_test.sh): the container's own pty
+tty_t() { # docker run -t on a pty: the container's own pty
 	local o
-	o=$(python3 -c 'import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))' \
-		timeout --foreground 300 "$d28/docker" -H "unix://$d/docker.sock" run --rm -t --network none --runtime moat "$image" \
-		sh -c 'tty; echo tty-ok' </dev/null) || { echo "$o"; return 1; }
+	o=$(on_pty timeout --foreground 300 "$d28/docker" -H "unix://$d/docker.sock" run --rm -t --network none --runtime moat "$image" \
+		sh -c 'tty; echo tty-ok') || { echo "$o"; return 1; }
 	echo "$o"
 	[[ "$o" == *tty-ok* && "$o" == */dev/pts/* ]]
 }
@@ -176,25 +177,6 @@ update_resources() { # docker update reaches the container's cgroup in the guest
 	"${docker[@]}" rm -f up >/dev/null
 	echo "memory.max pids.max before: $before; after docker update: $after"
 	[ "$after" = "67108864 33 " ]
-}
-
-leftovers() {
-	local bad i
-	for ((i = 0; i < 40; i++)); do
-		bad=0
-		[ -z "$(ls /run/moat 2>/dev/null)" ] || bad=1
-		pgrep moat-vmm >/dev/null && bad=1
-		pgrep virtiofsd >/dev/null && bad=1
-		pgrep -f containerd-shim-moat >/dev/null && bad=1
-		grep -q /run/moat /proc/self/mountinfo && bad=1
-		[ $bad = 0 ] && break
-		sleep 0.5
-	done
-	echo "state dirs: $(ls /run/moat 2>/dev/null | tr '\n' ' ')"
-	pgrep -a moat-vmm
-	pgrep -a virtiofsd
-	pgrep -af containerd-shim-moat
-	return $bad
 }
 
 echo "===== docker 28 on containerd 2.x: $("$d28/dockerd" --version)"

@@ -42,3 +42,25 @@ pub fn test_image(name: &str) -> PathBuf {
     assert!(p.exists(), "test image {} is missing; run `make images`", p.display());
     p
 }
+
+/// Fails (never skips) unless this runs where Linux guests boot and the test host's
+/// container engines (containerd 1.6 and 2.x, Docker 28, protoc) are installed.
+pub fn require_test_host_engines() {
+    assert!(
+        kvm_boots_linux(),
+        "this test boots Linux and /dev/kvm here cannot (missing or PVM); run it through `make test-kvm`"
+    );
+    assert_eq!(
+        std::env::var("MOAT_TESTHOST").as_deref(),
+        Ok("1"),
+        "this test needs the test host's containerd and Docker builds; run it through `make test-kvm`"
+    );
+}
+
+/// Runs `program args` in the repository root with inherited stdio (the scripts
+/// print every step) and fails the test if it fails.
+pub fn run_script(program: &str, args: &[&str]) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let status = std::process::Command::new(program).args(args).current_dir(repo).status().unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(status.success(), "`{program} {}` failed ({status}); its steps are printed above", args.join(" "));
+}

@@ -8,23 +8,11 @@
 //! in its own test host. A script prints each step and its output; the test fails
 //! if the script does.
 
-use std::process::Command;
-
-use moat_integration::kvm_boots_linux;
+use moat_integration::{require_test_host_engines, run_script};
 
 fn script(args: &[&str]) {
-    assert!(
-        kvm_boots_linux(),
-        "this test boots Linux and /dev/kvm here cannot (missing or PVM); run it through `make test-kvm`"
-    );
-    assert_eq!(
-        std::env::var("MOAT_TESTHOST").as_deref(),
-        Ok("1"),
-        "this test needs the test host's containerd and Docker builds and moat installed; run it through `make test-kvm`"
-    );
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let status = Command::new("bash").args(args).current_dir(repo).status().expect("run bash");
-    assert!(status.success(), "`bash {}` failed ({status}); its steps are printed above", args.join(" "));
+    require_test_host_engines();
+    run_script("bash", args);
 }
 
 #[test]

@@ -8,27 +8,11 @@
 //! in its own test host. The script prints each step and its output; the test fails
 //! if the script does.
 
-use std::process::Command;
-
-use moat_integration::kvm_boots_linux;
+use moat_integration::{require_test_host_engines, run_script};
 
 fn cri_test(version: &str) {
-    assert!(
-        kvm_boots_linux(),
-        "this test boots Linux and /dev/kvm here cannot (missing or PVM); run it through `make test-kvm`"
-    );
-    assert_eq!(
-        std::env::var("MOAT_TESTHOST").as_deref(),
-        Ok("1"),
-        "this test needs the test host's containerd builds, protoc and moat; run it through `make test-kvm`"
-    );
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let status = Command::new("python3")
-        .args(["integration/cri_test.py", version])
-        .current_dir(repo)
-        .status()
-        .expect("run python3");
-    assert!(status.success(), "`python3 integration/cri_test.py {version}` failed ({status}); its steps are printed above");
+    require_test_host_engines();
+    run_script("python3", &["integration/cri_test.py", version]);
 }
 
 #[test]

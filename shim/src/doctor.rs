@@ -94,7 +94,7 @@ pub fn run(opts: &Options) -> Vec<Check> {
         }
         Err(e) => out.push(Check::fail(
             format!("config {cfg_name}"),
-            format!("{}; fix it (every key and its default: moat's config/moat.toml.example); the checks of the paths it sets are skipped", chain(&e)),
+            format!("{}; fix it (every key and its default: moat's config/moat.toml.example); the checks of the paths it sets are skipped", crate::error_chain(&e)),
         )),
     }
     out.push(cgroup2(Path::new("/sys/fs/cgroup")));
@@ -361,7 +361,7 @@ fn containerd_checks(bin: Option<&Path>, config: &Path) -> Vec<Check> {
             return out;
         }
         Err(e) => {
-            out.push(Check::fail(chain(&e), "fix it: containerd refuses to start with a config it cannot read"));
+            out.push(Check::fail(crate::error_chain(&e), "fix it: containerd refuses to start with a config it cannot read"));
             return out;
         }
     };
@@ -396,20 +396,6 @@ fn containerd_checks(bin: Option<&Path>, config: &Path) -> Vec<Check> {
     out
 }
 
-/// The error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
-}
 
 #[cfg(test)]
 mod tests {

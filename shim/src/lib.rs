@@ -29,3 +29,19 @@ pub mod stdio;
 pub mod task;
 pub mod tty;
 pub mod vsock;
+
+/// An error and its sources on one line (a source already in the message is not
+/// repeated), for messages that must say everything in one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        src = c.source();
+    }
+    s
+}

@@ -46,17 +46,6 @@ pub enum TaskError {
     Internal(String),
 }
 
-/// The message of an error and its sources, on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(&format!(": {c}"));
-        src = c.source();
-    }
-    s
-}
-
 impl TaskError {
     fn agent(what: &str, e: AgentError) -> TaskError {
         let m = format!("{what}: {e}");
@@ -81,13 +70,13 @@ impl From<StateError> for TaskError {
 
 impl From<OciError> for TaskError {
     fn from(e: OciError) -> Self {
-        TaskError::InvalidArgument(chain(&e))
+        TaskError::InvalidArgument(crate::error_chain(&e))
     }
 }
 
 impl From<MountError> for TaskError {
     fn from(e: MountError) -> Self {
-        TaskError::Internal(chain(&e))
+        TaskError::Internal(crate::error_chain(&e))
     }
 }
 
@@ -95,8 +84,8 @@ impl From<IoError> for TaskError {
     fn from(e: IoError) -> Self {
         match e {
             IoError::Unsupported { .. } => TaskError::Unimplemented(e.to_string()),
-            IoError::Open { .. } => TaskError::InvalidArgument(chain(&e)),
-            IoError::Stream(..) => TaskError::Unavailable(chain(&e)),
+            IoError::Open { .. } => TaskError::InvalidArgument(crate::error_chain(&e)),
+            IoError::Stream(..) => TaskError::Unavailable(crate::error_chain(&e)),
         }
     }
 }
@@ -106,7 +95,7 @@ impl From<SandboxError> for TaskError {
         match e {
             SandboxError::Id(_) => TaskError::InvalidArgument(e.to_string()),
             SandboxError::Busy(_) => TaskError::AlreadyExists(e.to_string()),
-            _ => TaskError::Internal(format!("cannot start the VM: {}", chain(&e))),
+            _ => TaskError::Internal(format!("cannot start the VM: {}", crate::error_chain(&e))),
         }
     }
 }

@@ -127,7 +127,7 @@ fn main() {
         }) {
             Ok(status) => status,
             Err(e) => {
-                eprintln!("moat: {}", chain(&e));
+                eprintln!("moat: {}", moat_shim::error_chain(&e));
                 e.exit_code()
             }
         },
@@ -163,7 +163,7 @@ fn containerd_config(a: ContainerdConfigArgs) -> Result<(), String> {
     let Some(file) = a.apply else {
         match major {
             Ok((major, v)) => {
-                let cv = ConfigVersion::for_containerd(major).map_err(|e| chain(&e))?;
+                let cv = ConfigVersion::for_containerd(major).map_err(|e| moat_shim::error_chain(&e))?;
                 println!("# containerd {v}: add to its config (config version {}), then restart containerd", cv.number());
                 print!("{}", cv.snippet());
             }
@@ -180,7 +180,7 @@ fn containerd_config(a: ContainerdConfigArgs) -> Result<(), String> {
     };
     let (major, _) = major.map_err(|why| format!("{why}: pass --version 1 or 2 (containerd's major version)"))?;
     let restart = "restart containerd for it to take effect (systemctl restart containerd)";
-    match containerd_config::apply(&file, major).map_err(|e| chain(&e))? {
+    match containerd_config::apply(&file, major).map_err(|e| moat_shim::error_chain(&e))? {
         Applied::AlreadyRegistered => println!("moat: {} already registers runtime moat; nothing changed", file.display()),
         Applied::Created(v) => {
             println!("moat: wrote {} (config version {}) registering runtime moat; {restart}", file.display(), v.number())
@@ -214,17 +214,3 @@ fn options(a: RunArgs) -> Result<RunOptions, run::RunError> {
     })
 }
 
-/// The error and its sources on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        src = c.source();
-    }
-    s
-}
