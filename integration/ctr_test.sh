@@ -4,7 +4,7 @@
 # integration/tests/containerd.rs, one test host per version and group).
 #
 #   make build guest images
-#   integration/testhost run -- bash integration/ctr_test.sh 1.6|2 basic|task|recovery|parallel
+#   integration/testhost run -- bash integration/ctr_test.sh 1.6|2 basic|task|recovery|parallel [N]
 #
 # containerd 1.6 is bookworm's (/usr/bin), 2.x sid's (/opt/containerd2/bin, see
 # integration/testhost). Each run starts a private containerd (own root, state and
@@ -28,9 +28,10 @@ image=docker.io/moat-test/busybox:latest
 c2=/opt/containerd2/bin
 version=${1:-}
 group=${2:-}
+parallel=${3:-20} # containers at once in the parallel group
 case "$version/$group" in
 1.6/* | 2/*) ;;
-*) echo "usage: $0 1.6|2 basic|task|recovery|parallel" >&2; exit 2 ;;
+*) echo "usage: $0 1.6|2 basic|task|recovery|parallel [N]" >&2; exit 2 ;;
 esac
 case "$group" in basic | task | recovery | parallel) ;; *) echo "unknown group $group" >&2; exit 2 ;; esac
 
@@ -351,8 +352,8 @@ group_recovery() {
 
 group_parallel() {
 	# 20 guests booting at once in the emulated host take minutes, not the default
-	# 120 s; and 20 x 256 MiB would not fit its RAM.
-	check "$name: 20 containers in parallel" parallel_runs 20 timeout -k 10 1500 "$ctrbin" --address "$d/containerd.sock" --namespace smoke
+	# 120 s (see moat_config below); and 20 x 256 MiB would not fit its RAM.
+	check "$name: $parallel containers in parallel" parallel_runs "$parallel" timeout -k 10 1500 "$ctrbin" --address "$d/containerd.sock" --namespace smoke
 	sleep 2
 	check "$name: nothing left" leftovers
 }
