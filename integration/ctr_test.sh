@@ -353,6 +353,7 @@ group_recovery() {
 group_parallel() {
 	# 20 guests booting at once in the emulated host take minutes, not the default
 	# 120 s (see moat_config below); and 20 x 256 MiB would not fit its RAM.
+	[ "$parallel" -ge 20 ] || echo "*** $parallel containers in parallel, not 20: the emulated test host (see parallel_count in integration/tests/containerd.rs)"
 	check "$name: $parallel containers in parallel" parallel_runs "$parallel" timeout -k 10 1500 "$ctrbin" --address "$d/containerd.sock" --namespace smoke
 	sleep 2
 	check "$name: nothing left" leftovers
