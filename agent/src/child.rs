@@ -155,10 +155,13 @@ fn run(launch: &Launch, fds: [OwnedFd; 3], console: Option<OwnedFd>, sock: Owned
     // setup, as runc's create does: the manager then never has a created process
     // that cannot start (ctr and Docker clean up after a failed create, not after a
     // failed start).
-    if let Err(errno) = find_program(p, &env) {
-        rep.send(&Report::Exec { errno, program: p.args[0].clone() });
-        std::process::exit(127);
-    }
+    let program = match find_program(p, &env) {
+        Ok(path) => path,
+        Err(errno) => {
+            rep.send(&Report::Exec { errno, program: p.args[0].clone() });
+            std::process::exit(127);
+        }
+    };
     rep.send(&Report::Ready);
     let mut start = [0u8; 1];
     let mut f = File::from(sock);
@@ -171,7 +174,7 @@ fn run(launch: &Launch, fds: [OwnedFd; 3], console: Option<OwnedFd>, sock: Owned
             crate::sys::install_seccomp(&f.insns, f.flags).map_err(|e| format!("cannot install the seccomp filter: {e}"))?;
         }
     }
-    exec(p, &env, rep)
+    exec(p, &program, &env, rep)
 }
 
 /// Opens a pty in the container's own devpts (its /dev/ptmx, now that the process
@@ -342,17 +345,12 @@ fn find_program(p: &Process, env: &[String]) -> Result<String, i32> {
     }
 }
 
-fn exec(p: &Process, env: &[String], rep: &mut Reporter) -> R<()> {
+/// Executes `resolved` (the program [`find_program`] found before setup ended);
+/// execve's own failure is reported like the early lookup's.
+fn exec(p: &Process, resolved: &str, env: &[String], rep: &mut Reporter) -> R<()> {
     let program = &p.args[0];
-    let resolved = match find_program(p, env) {
-        Ok(r) => r,
-        Err(errno) => {
-            rep.send(&Report::Exec { errno, program: program.clone() });
-            std::process::exit(127);
-        }
-    };
     let cstr = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
-    let path = cstr(&resolved)?;
+    let path = cstr(resolved)?;
     let args = p.args.iter().map(|a| cstr(a)).collect::<R<Vec<_>>>()?;
     let envs = env.iter().map(|e| cstr(e)).collect::<R<Vec<_>>>()?;
     crate::sys::reset_signals();
