@@ -84,22 +84,6 @@ check() { # NAME CMD...: run, show output, record failure
 	return "$rc"
 }
 
-start_containerd() { # bin pathprefix version dir
-	local bin=$1 pathpre=$2 ver=$3 d=$4 i
-	mkdir -p "$d"
-	if [ "$ver" = 2 ]; then
-		printf 'version = 2\nroot = "%s/root"\nstate = "%s/state"\n[grpc]\n  address = "%s/containerd.sock"\n' "$d" "$d" "$d" >"$d/config.toml"
-	else
-		printf "version = 3\nroot = '%s/root'\nstate = '%s/state'\n[grpc]\n  address = '%s/containerd.sock'\n[plugins.'io.containerd.nri.v1.nri']\n  disable = true\n" "$d" "$d" "$d" >"$d/config.toml"
-	fi
-	rm -f "$d/containerd.sock"
-	PATH=$pathpre$PATH MOAT_CONFIG=${moat_config:-} "$bin" --log-level debug --config "$d/config.toml" >>"$d/containerd.log" 2>&1 &
-	ctrd_pid=$!
-	for ((i = 0; i < 600; i++)); do [ -S "$d/containerd.sock" ] && return 0; sleep 0.1; done
-	tail -n 20 "$d/containerd.log"
-	return 1
-}
-
 guest_kernel() { # ctr... : prints uname -r from a moat container; must differ from the host's
 	local k
 	k=$("$@" run --rm --runtime io.containerd.moat.v2 "$image" uk uname -r) || return

@@ -67,18 +67,9 @@ check() { # NAME CMD...
 	return "$rc"
 }
 
-wait_socket() { # path
-	local i
-	for ((i = 0; i < 900; i++)); do [ -S "$1" ] && return 0; sleep 0.1; done
-	return 1
-}
-
 start_engines() {
-	printf "version = 3\nroot = '%s/root'\nstate = '%s/state'\n[grpc]\n  address = '%s/containerd.sock'\n[plugins.'io.containerd.nri.v1.nri']\n  disable = true\n" \
-		"$d" "$d" "$d" >"$d/containerd.toml"
-	PATH=$c2:$PATH "$c2/containerd" --log-level debug --config "$d/containerd.toml" >"$d/containerd.log" 2>&1 &
-	pids+=($!)
-	wait_socket "$d/containerd.sock" || { echo "containerd did not start"; return 1; }
+	start_containerd "$c2/containerd" "$c2:" 3 "$d" || { echo "containerd did not start"; return 1; }
+	pids+=("$ctrd_pid")
 	echo '{"runtimes": {"moat": {"runtimeType": "io.containerd.moat.v2"}}}' >"$d/daemon.json"
 	PATH=$d28:$c2:$PATH "$d28/dockerd" --containerd "$d/containerd.sock" --data-root "$d/docker" \
 		--exec-root "$d/docker-exec" --pidfile "$d/docker.pid" -H "unix://$d/docker.sock" \

@@ -28,3 +28,29 @@ leftovers() {
 on_pty() {
 	python3 -c 'import os, pty, sys; sys.exit(os.waitstatus_to_exitcode(pty.spawn(sys.argv[1:])))' "$@" </dev/null
 }
+
+wait_socket() { # PATH [SECONDS]: waits (90 s by default) for a Unix socket to appear
+	local i
+	for ((i = 0; i < ${2:-90} * 10; i++)); do [ -S "$1" ] && return 0; sleep 0.1; done
+	return 1
+}
+
+# Starts a private containerd with its own root, state, socket and log in DIR
+# (config version 2 for 1.6, 3 for 2.x with NRI off, which would otherwise take the
+# host-wide socket); PATHPREFIX goes first on its PATH, where it finds the shims.
+# The shims get $moat_config as MOAT_CONFIG if set. Sets ctrd_pid.
+start_containerd() { # BIN PATHPREFIX CONFIGVERSION DIR
+	local bin=$1 pathpre=$2 ver=$3 d=$4
+	mkdir -p "$d"
+	if [ "$ver" = 2 ]; then
+		printf 'version = 2\nroot = "%s/root"\nstate = "%s/state"\n[grpc]\n  address = "%s/containerd.sock"\n' "$d" "$d" "$d" >"$d/config.toml"
+	else
+		printf "version = 3\nroot = '%s/root'\nstate = '%s/state'\n[grpc]\n  address = '%s/containerd.sock'\n[plugins.'io.containerd.nri.v1.nri']\n  disable = true\n" "$d" "$d" "$d" >"$d/config.toml"
+	fi
+	rm -f "$d/containerd.sock"
+	PATH=$pathpre$PATH MOAT_CONFIG=${moat_config:-} "$bin" --log-level debug --config "$d/config.toml" >>"$d/containerd.log" 2>&1 &
+	ctrd_pid=$!
+	wait_socket "$d/containerd.sock" 60 && return 0
+	tail -n 20 "$d/containerd.log"
+	return 1
+}
