@@ -194,6 +194,24 @@ fn guest_panic_is_a_reset_not_a_hang() {
     assert!(r.stderr.contains("guest reset without powering off"), "{}", r.stderr);
 }
 
+#[test]
+#[ignore = "needs hardware KVM (PVM cannot deliver real-mode exceptions): run through `make test-kvm`"]
+fn a_triple_fault_is_a_crash_not_a_reset() {
+    require_kvm_that_boots_linux();
+    // A tiny real-mode guest: lidt with a zero limit, then int 3. The #BP cannot be
+    // delivered (#GP), nor can that (#DF), so the CPU shuts down: KVM_EXIT_SHUTDOWN,
+    // which must not read as a reboot the guest asked for.
+    let idt_at = 0x1000u16 + 8; // the zero descriptor after the 8 bytes of code
+    let mut code = vec![0x0f, 0x01, 0x1e]; // lidt [idt_at]
+    code.extend_from_slice(&idt_at.to_le_bytes());
+    code.extend_from_slice(&[0xcd, 0x03, 0xf4]); // int 3; hlt (never reached)
+    assert_eq!(code.len(), 8);
+    code.extend_from_slice(&[0; 6]);
+    let vm = moat_vmm::Microvm::with_test_code(&code, 32, moat_vmm::SerialSink::with(None)).expect("build test VM");
+    let outcome = vm.run().expect("run test VM");
+    assert_eq!(outcome.reason, moat_vmm::StopReason::TripleFault(0));
+}
+
 // --- bad configurations: no guest boots, so these run on any host with moat-vmm ---
 
 fn bad(args: &[&str]) -> Run {

@@ -115,7 +115,7 @@ fn exit_status(outcome: &Outcome) -> u8 {
     match &outcome.reason {
         StopReason::PowerOff(0) => 0,
         StopReason::PowerOff(_) => 4,
-        StopReason::Reset | StopReason::Crashed(_) => 3,
+        StopReason::Reset | StopReason::TripleFault(_) | StopReason::Crashed(_) => 3,
         StopReason::Signal(n) => (128 + n).clamp(0, 255) as u8,
         StopReason::Error(_) => 1,
     }
@@ -156,7 +156,8 @@ fn main() -> ExitCode {
             match &outcome.reason {
                 StopReason::PowerOff(0) => log::info!("guest powered off"),
                 StopReason::PowerOff(s) => log::error!("guest powered off reporting failure status {s}"),
-                StopReason::Reset => log::warn!("guest reset without powering off (reboot, panic or triple fault)"),
+                StopReason::Reset => log::warn!("guest reset without powering off (reboot or panic)"),
+                StopReason::TripleFault(id) => log::error!("guest crashed: triple fault on vcpu{id}"),
                 StopReason::Crashed(why) => log::error!("guest crashed: {why}"),
                 StopReason::Signal(n) => log::info!("stopped by signal {n}"),
                 StopReason::Error(why) => log::error!("VM failed: {why}"),
@@ -235,6 +236,7 @@ mod tests {
         assert_eq!(exit_status(&o(StopReason::PowerOff(0))), 0);
         assert_eq!(exit_status(&o(StopReason::PowerOff(9))), 4);
         assert_eq!(exit_status(&o(StopReason::Reset)), 3);
+        assert_eq!(exit_status(&o(StopReason::TripleFault(1))), 3);
         assert_eq!(exit_status(&o(StopReason::Signal(15))), 143);
         assert_eq!(exit_status(&o(StopReason::Error("x".into()))), 1);
     }

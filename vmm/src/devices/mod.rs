@@ -14,9 +14,12 @@ use vmm_sys_util::eventfd::EventFd;
 pub enum StopReason {
     /// The agent asked for power-off with this status (0 = clean).
     PowerOff(u8),
-    /// The guest reset itself (reboot, panic with `panic=-1`, triple fault) without
-    /// the agent having asked for a power-off.
+    /// The guest asked for a reset (reboot, or a panic with `panic=-1`) without the
+    /// agent having asked for a power-off.
     Reset,
+    /// A vCPU triple-faulted (KVM_EXIT_SHUTDOWN): the guest crashed too badly to
+    /// say anything, which a reboot request is not.
+    TripleFault(u8),
     /// The guest halted its last CPU or reported a crash.
     Crashed(String),
     /// The VMM was told to stop by this signal.

@@ -148,8 +148,10 @@ impl Vcpu {
                 self.ctx.mmio.write(addr, data);
                 VcpuState::Running
             }
-            // Triple fault: the classic way a guest without firmware resets.
-            Ok(VcpuExit::Shutdown) => stop(StopReason::Reset),
+            // Linux resets through the i8042 or a system event; a triple fault is
+            // a guest that crashed without a word (or a hand-made reset, which the
+            // guests moat boots do not use).
+            Ok(VcpuExit::Shutdown) => stop(StopReason::TripleFault(self.id)),
             Ok(VcpuExit::Hlt) => stop(StopReason::Crashed(format!("vcpu{} halted", self.id))),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => stop(StopReason::PowerOff(0)),
