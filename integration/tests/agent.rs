@@ -78,6 +78,9 @@ struct Vm {
     child: Child,
     uds: PathBuf,
     console: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The thread printing the console; joined on drop so a guest that crashed
+    /// (the test then fails on a broken connection) still shows its last lines.
+    console_thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Vm {
@@ -98,7 +101,7 @@ impl Vm {
         let (tx, rx) = std::sync::mpsc::channel();
         let out = child.stdout.take().expect("stdout");
         let log = console.clone();
-        std::thread::spawn(move || {
+        let console_thread = std::thread::spawn(move || {
             for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
                 println!("console: {line}");
                 if line.starts_with("moat-agent: ready") {
@@ -111,7 +114,7 @@ impl Vm {
             let _ = child.kill();
             panic!("the agent did not come up:\n{}", console.lock().expect("console"))
         });
-        Vm { child, uds, console }
+        Vm { child, uds, console, console_thread: Some(console_thread) }
     }
 
     fn connect(&self, port: u32) -> UnixStream {
@@ -146,8 +149,19 @@ impl Vm {
 
 impl Drop for Vm {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Give a guest that is going down (a panic prints before the reset)
+            // time to finish; then whatever it said is printed below.
+            std::thread::sleep(Duration::from_secs(2));
+            if let Ok(Some(status)) = self.child.try_wait() {
+                println!("moat-vmm had exited: {status}");
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(t) = self.console_thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
