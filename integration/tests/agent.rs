@@ -74,6 +74,19 @@ fn has_interpreter(elf: &[u8]) -> bool {
     (0..phnum).any(|i| u32_at(phoff + i * phentsize) == 3)
 }
 
+/// 2 vCPUs, so the agent's threads really run at once; 1 in the emulated test host,
+/// whose emulated SVM triple-faults or stalls the second vCPU of an inner guest under
+/// this test's load (4 of 17 runs there; the kvm-in-tcg notes saw the same with
+/// QEMU as the inner VMM), and now and then crashes the emulated host itself.
+fn vcpus() -> &'static str {
+    if std::env::var("MOAT_TESTHOST_EMULATED").as_deref() == Ok("1") {
+        eprintln!("*** emulated test host: the agent's VM gets 1 vCPU instead of 2 (see vcpus() in {})", file!());
+        "1"
+    } else {
+        "2"
+    }
+}
+
 struct Vm {
     child: Child,
     uds: PathBuf,
@@ -89,7 +102,7 @@ impl Vm {
         let mut child = Command::new(artifact("moat-vmm"))
             .args(["--kernel", &artifact("vmlinux").display().to_string()])
             .args(["--initrd", &artifact("initramfs.cpio.gz").display().to_string()])
-            .args(["--vcpus", "2", "--memory", "512", "--cmdline", DEFAULT_CMDLINE])
+            .args(["--vcpus", vcpus(), "--memory", "512", "--cmdline", DEFAULT_CMDLINE])
             .args(["--vsock", &uds.display().to_string()])
             .args(["--disk", &disk.display().to_string()])
             .stdin(Stdio::null())
@@ -118,23 +131,11 @@ impl Vm {
     }
 
     fn connect(&self, port: u32) -> UnixStream {
-        let mut s = UnixStream::connect(&self.uds).expect("connect to the vsock socket");
-        s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-        s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while line.last() != Some(&b'\n') {
-            assert_eq!(s.read(&mut b).expect("handshake"), 1, "vsock handshake closed: {line:?}");
-            line.push(b[0]);
-        }
-        assert!(line.starts_with(b"OK "), "handshake reply {:?}", String::from_utf8_lossy(&line));
-        s
+        connect(&self.uds, port)
     }
 
     fn agent(&self) -> AgentClient {
-        let s = self.connect(AGENT_API_PORT);
-        s.set_read_timeout(None).expect("no timeout");
-        AgentClient::new(ttrpc::Client::new(s.into_raw_fd()).expect("ttrpc client"))
+        agent_at(&self.uds)
     }
 
     /// A stdio stream of process (cid, eid).
@@ -147,14 +148,63 @@ impl Vm {
     }
 }
 
+fn connect(uds: &Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        assert_eq!(s.read(&mut b).expect("handshake"), 1, "vsock handshake closed: {line:?}");
+        line.push(b[0]);
+    }
+    assert!(line.starts_with(b"OK "), "handshake reply {:?}", String::from_utf8_lossy(&line));
+    s
+}
+
+fn agent_at(uds: &Path) -> AgentClient {
+    let s = connect(uds, AGENT_API_PORT);
+    s.set_read_timeout(None).expect("no timeout");
+    AgentClient::new(ttrpc::Client::new(s.into_raw_fd()).expect("ttrpc client"))
+}
+
+impl Vm {
+    /// After a failure with the VM still running: what its threads are doing (a
+    /// vCPU sleeping in KVM is a guest waiting for an interrupt) and whether the
+    /// agent still answers on a new connection. The probe runs on its own thread,
+    /// so its failures are only printed.
+    fn diagnose(&self) {
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        for t in std::fs::read_dir(&tasks).into_iter().flatten().flatten() {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat.rsplit(") ").next().and_then(|r| r.split(' ').next()).unwrap_or("?").to_string();
+            println!("moat-vmm thread {:?}: state {state}, wchan {}", read("comm").trim(), read("wchan"));
+        }
+        let uds = self.uds.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let a = agent_at(&uds);
+            let v = a.version(ctx(), &VersionRequest { host_protocol: PROTOCOL_VERSION, ..Default::default() });
+            let pids = a.list_pids(ctx(), &cref("many"));
+            let _ = tx.send(format!("the agent answers Version: {:?}; ListPids(many): {:?}", v.map(|v| v.protocol), pids.map(|p| p.pids)));
+        });
+        match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(line) => println!("{line}"),
+            Err(_) => println!("the agent did not answer Version on a new connection within 20 s"),
+        }
+    }
+}
+
 impl Drop for Vm {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // Give a guest that is going down (a panic prints before the reset)
             // time to finish; then whatever it said is printed below.
             std::thread::sleep(Duration::from_secs(2));
-            if let Ok(Some(status)) = self.child.try_wait() {
-                println!("moat-vmm had exited: {status}");
+            match self.child.try_wait() {
+                Ok(Some(status)) => println!("moat-vmm had exited: {status}"),
+                _ => self.diagnose(),
             }
         }
         let _ = self.child.kill();
