@@ -71,7 +71,7 @@ diagnose() {
 cur=
 
 check() { # NAME CMD...: run, show output, record failure
-	local name=$1 rc=0
+	local name=$1 rc=0 t0=$EPOCHSECONDS
 	shift
 	echo "--- $name: $*"
 	if declare -F "$1" >/dev/null; then
@@ -80,7 +80,11 @@ check() { # NAME CMD...: run, show output, record failure
 		timeout 300 "$@" >"$work/out" 2>&1 || rc=$?
 	fi
 	sed 's/^/    | /' "$work/out" | head -n 40
-	if [ "$rc" = 0 ]; then echo "ok    $name"; else echo "FAIL  $name (exit $rc)"; failures+=("$name"); diagnose; fi
+	if [ "$rc" = 0 ]; then echo "ok    $name ($((EPOCHSECONDS - t0)) s)"; else
+		echo "FAIL  $name (exit $rc after $((EPOCHSECONDS - t0)) s)"
+		failures+=("$name")
+		diagnose
+	fi
 	return "$rc"
 }
 

@@ -52,13 +52,13 @@ cleanup() {
 trap cleanup EXIT
 
 check() { # NAME CMD...
-	local name=$1 rc=0
+	local name=$1 rc=0 t0=$EPOCHSECONDS
 	shift
 	echo "--- $name"
 	"$@" >"$work/out" 2>&1 || rc=$?
 	sed 's/^/    | /' "$work/out" | head -n 40
-	if [ "$rc" = 0 ]; then echo "ok    $name"; else
-		echo "FAIL  $name (exit $rc)"
+	if [ "$rc" = 0 ]; then echo "ok    $name ($((EPOCHSECONDS - t0)) s)"; else
+		echo "FAIL  $name (exit $rc after $((EPOCHSECONDS - t0)) s)"
 		failures+=("$name")
 		pgrep -af 'moat|virtiofsd' | sed 's/^/    process: /'
 		tail -n 20 "$d/dockerd.log" | sed 's/^/    dockerd: /'
