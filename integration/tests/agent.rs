@@ -75,9 +75,10 @@ fn has_interpreter(elf: &[u8]) -> bool {
 }
 
 /// 2 vCPUs, so the agent's threads really run at once; 1 in the emulated test host,
-/// whose emulated SVM triple-faults or stalls the second vCPU of an inner guest under
-/// this test's load (4 of 17 runs there; the kvm-in-tcg notes saw the same with
-/// QEMU as the inner VMM), and now and then crashes the emulated host itself.
+/// whose emulated SVM triple-faults or stalls an inner guest under this test's load
+/// far more often with 2 vCPUs (9 of 79 runs there) than with 1 (3 of 59; the
+/// kvm-in-tcg notes saw the same with QEMU as the inner VMM), and now and then
+/// crashes the emulated host itself.
 fn vcpus() -> &'static str {
     if std::env::var("MOAT_TESTHOST_EMULATED").as_deref() == Ok("1") {
         eprintln!("*** emulated test host: the agent's VM gets 1 vCPU instead of 2 (see vcpus() in {})", file!());
@@ -146,29 +147,7 @@ impl Vm {
         s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
         s
     }
-}
 
-fn connect(uds: &Path, port: u32) -> UnixStream {
-    let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
-    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
-    let mut line = Vec::new();
-    let mut b = [0u8; 1];
-    while line.last() != Some(&b'\n') {
-        assert_eq!(s.read(&mut b).expect("handshake"), 1, "vsock handshake closed: {line:?}");
-        line.push(b[0]);
-    }
-    assert!(line.starts_with(b"OK "), "handshake reply {:?}", String::from_utf8_lossy(&line));
-    s
-}
-
-fn agent_at(uds: &Path) -> AgentClient {
-    let s = connect(uds, AGENT_API_PORT);
-    s.set_read_timeout(None).expect("no timeout");
-    AgentClient::new(ttrpc::Client::new(s.into_raw_fd()).expect("ttrpc client"))
-}
-
-impl Vm {
     /// After a failure with the VM still running: what its threads are doing (a
     /// vCPU sleeping in KVM is a guest waiting for an interrupt) and whether the
     /// agent still answers on a new connection. The probe runs on its own thread,
@@ -194,6 +173,26 @@ impl Vm {
             Err(_) => println!("the agent did not answer Version on a new connection within 20 s"),
         }
     }
+}
+
+fn connect(uds: &Path, port: u32) -> UnixStream {
+    let mut s = UnixStream::connect(uds).expect("connect to the vsock socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+    s.write_all(format!("CONNECT {port}\n").as_bytes()).expect("CONNECT");
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.last() != Some(&b'\n') {
+        assert_eq!(s.read(&mut b).expect("handshake"), 1, "vsock handshake closed: {line:?}");
+        line.push(b[0]);
+    }
+    assert!(line.starts_with(b"OK "), "handshake reply {:?}", String::from_utf8_lossy(&line));
+    s
+}
+
+fn agent_at(uds: &Path) -> AgentClient {
+    let s = connect(uds, AGENT_API_PORT);
+    s.set_read_timeout(None).expect("no timeout");
+    AgentClient::new(ttrpc::Client::new(s.into_raw_fd()).expect("ttrpc client"))
 }
 
 impl Drop for Vm {
