@@ -24,6 +24,7 @@ pub mod oci;
 pub mod pod;
 pub mod procs;
 pub mod run;
+pub mod safefs;
 pub mod sandbox;
 pub mod stdio;
 pub mod task;
