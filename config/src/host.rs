@@ -11,10 +11,21 @@ use serde::Deserialize;
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/moat/config.toml";
 /// The environment variable that overrides [`DEFAULT_CONFIG_PATH`].
 pub const CONFIG_ENV: &str = "MOAT_CONFIG";
-/// Debian's virtiofsd (package qemu-system-common).
-pub const DEFAULT_VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
 pub const DEFAULT_STATE_DIR: &str = "/run/moat";
 pub const DEFAULT_IMAGE_DIR: &str = "/var/lib/moat/images";
+/// Writable layers of `moat run` (sparse disk images): on disk, never on a tmpfs.
+pub const DEFAULT_DISK_DIR: &str = "/var/lib/moat/scratch";
+/// A container's writable layer unless a run asks for another size.
+pub const DEFAULT_DISK_MIB: u32 = 10 * 1024;
+/// The largest writable layer a run may ask for.
+pub const DEFAULT_MAX_DISK_MIB: u32 = 64 * 1024;
+/// The smallest writable layer that holds an ext4 file system worth having.
+pub const MIN_DISK_MIB: u32 = 16;
+/// The unprivileged uid and gid moat-vmm runs as: a number no distribution, no
+/// subordinate-id range (useradd's end at 600100000) and no login uses.
+pub const DEFAULT_JAIL_ID: u32 = 1_000_000_000;
+/// Where `moat run` puts each run's host cgroup, below the cgroup v2 root.
+pub const DEFAULT_CGROUP_PARENT: &str = "/moat";
 pub const DEFAULT_HOST_VCPUS: u8 = 1;
 pub const DEFAULT_HOST_MEMORY_MIB: u32 = 256;
 /// How long a microVM may take from the VMM's start to its agent answering.
@@ -42,6 +53,20 @@ pub struct MoatConfig {
     pub image_dir: PathBuf,
     /// Seconds a microVM may take to boot to its agent before the start fails.
     pub boot_timeout_secs: u32,
+    /// Where `moat run` keeps its writable layers (sparse disk images).
+    pub disk_dir: PathBuf,
+    /// A container's writable layer (MiB) unless a run asks for another size.
+    pub disk_mib: u32,
+    /// The largest writable layer a run may ask for (MiB).
+    pub max_disk_mib: u32,
+    /// Run moat-vmm jailed (unprivileged ids, own namespaces, pivot_root).
+    pub jail: bool,
+    /// The uid moat-vmm runs as when jailed.
+    pub jail_uid: u32,
+    /// The gid moat-vmm runs as when jailed.
+    pub jail_gid: u32,
+    /// The cgroup (below the cgroup v2 root) under which `moat run` makes one per run.
+    pub cgroup_parent: PathBuf,
 }
 
 /// The file's shape: every key optional, unknown keys refused.
@@ -57,6 +82,13 @@ struct ConfigFile {
     state_dir: Option<PathBuf>,
     image_dir: Option<PathBuf>,
     boot_timeout_secs: Option<u64>,
+    disk_dir: Option<PathBuf>,
+    disk_mib: Option<u64>,
+    max_disk_mib: Option<u64>,
+    jail: Option<bool>,
+    jail_uid: Option<u32>,
+    jail_gid: Option<u32>,
+    cgroup_parent: Option<PathBuf>,
 }
 
 /// Why the host config could not be loaded.
@@ -85,16 +117,28 @@ impl MoatConfig {
         if !share.join("vmlinux").exists() && build_tree.join("vmlinux").exists() {
             share = build_tree;
         }
+        // virtiofsd: installed in <prefix>/libexec/moat; in a build tree, beside moat.
+        let mut virtiofsd = normalize(&prefix_bin.join("..").join("libexec").join("moat").join("virtiofsd"));
+        if !virtiofsd.exists() && prefix_bin.join("virtiofsd").exists() {
+            virtiofsd = prefix_bin.join("virtiofsd");
+        }
         MoatConfig {
             vmm: prefix_bin.join("moat-vmm"),
             kernel: share.join("vmlinux"),
             initrd: share.join("initramfs.cpio.gz"),
-            virtiofsd: DEFAULT_VIRTIOFSD.into(),
+            virtiofsd,
             vcpus: DEFAULT_HOST_VCPUS,
             memory_mib: DEFAULT_HOST_MEMORY_MIB,
             state_dir: DEFAULT_STATE_DIR.into(),
             image_dir: DEFAULT_IMAGE_DIR.into(),
             boot_timeout_secs: DEFAULT_BOOT_TIMEOUT_SECS,
+            disk_dir: DEFAULT_DISK_DIR.into(),
+            disk_mib: DEFAULT_DISK_MIB,
+            max_disk_mib: DEFAULT_MAX_DISK_MIB,
+            jail: true,
+            jail_uid: DEFAULT_JAIL_ID,
+            jail_gid: DEFAULT_JAIL_ID,
+            cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
         }
     }
 
@@ -150,6 +194,25 @@ impl MoatConfig {
             Some(n) => return Err(value_err(format!("boot_timeout_secs must be between 1 and {MAX_BOOT_TIMEOUT_SECS}, got {n}"))),
             None => defaults.boot_timeout_secs,
         };
+        let mib = |key: &str, v: Option<u64>, d: u32| -> Result<u32, HostConfigError> {
+            match v {
+                Some(n) if (u64::from(MIN_DISK_MIB)..=u64::from(u32::MAX)).contains(&n) => Ok(n as u32),
+                Some(n) => Err(value_err(format!("{key} must be at least {MIN_DISK_MIB} (MiB), got {n}"))),
+                None => Ok(d),
+            }
+        };
+        let max_disk_mib = mib("max_disk_mib", file.max_disk_mib, defaults.max_disk_mib)?;
+        let disk_mib = mib("disk_mib", file.disk_mib, defaults.disk_mib)?;
+        if disk_mib > max_disk_mib {
+            return Err(value_err(format!("disk_mib ({disk_mib}) is above max_disk_mib ({max_disk_mib})")));
+        }
+        let jail_uid = file.jail_uid.unwrap_or(defaults.jail_uid);
+        let jail_gid = file.jail_gid.unwrap_or(defaults.jail_gid);
+        if jail_uid == 0 || jail_gid == 0 || jail_uid == u32::MAX || jail_gid == u32::MAX {
+            return Err(value_err(format!(
+                "jail_uid and jail_gid must be unprivileged ids (not 0, not 4294967295), got {jail_uid}:{jail_gid}; set jail = false to run moat-vmm as root"
+            )));
+        }
         let abs = |key: &str, v: Option<PathBuf>, d: PathBuf| -> Result<PathBuf, HostConfigError> {
             match v {
                 Some(p) if p.is_absolute() => Ok(p),
@@ -167,6 +230,13 @@ impl MoatConfig {
             state_dir: abs("state_dir", file.state_dir, defaults.state_dir)?,
             image_dir: abs("image_dir", file.image_dir, defaults.image_dir)?,
             boot_timeout_secs,
+            disk_dir: abs("disk_dir", file.disk_dir, defaults.disk_dir)?,
+            disk_mib,
+            max_disk_mib,
+            jail: file.jail.unwrap_or(defaults.jail),
+            jail_uid,
+            jail_gid,
+            cgroup_parent: abs("cgroup_parent", file.cgroup_parent, defaults.cgroup_parent)?,
         })
     }
 }
@@ -205,7 +275,11 @@ mod tests {
         assert_eq!(d.vmm, Path::new("/opt/moat/bin/moat-vmm"));
         assert_eq!(d.kernel, Path::new("/opt/moat/share/moat/vmlinux"));
         assert_eq!(d.initrd, Path::new("/opt/moat/share/moat/initramfs.cpio.gz"));
-        assert_eq!(d.virtiofsd, Path::new(DEFAULT_VIRTIOFSD));
+        assert_eq!(d.virtiofsd, Path::new("/opt/moat/libexec/moat/virtiofsd"));
+        assert_eq!(d.disk_dir, Path::new("/var/lib/moat/scratch"));
+        assert_eq!((d.disk_mib, d.max_disk_mib), (10240, 65536));
+        assert!(d.jail);
+        assert_eq!((d.jail_uid, d.jail_gid), (1_000_000_000, 1_000_000_000));
         assert_eq!((d.vcpus, d.memory_mib), (1, 256));
         assert_eq!(d.state_dir, Path::new("/run/moat"));
         assert_eq!(d.image_dir, Path::new("/var/lib/moat/images"));
@@ -308,6 +382,13 @@ mod tests {
             state_dir: "/x/state".into(),
             image_dir: "/x/images".into(),
             boot_timeout_secs: d.boot_timeout_secs + 1,
+            disk_dir: "/x/scratch".into(),
+            disk_mib: d.disk_mib + 1,
+            max_disk_mib: d.max_disk_mib + 1,
+            jail: !d.jail,
+            jail_uid: d.jail_uid + 1,
+            jail_gid: d.jail_gid + 1,
+            cgroup_parent: "/x".into(),
         };
         assert_eq!(MoatConfig::from_toml(path, &uncommented, other).expect("uncommented"), d);
     }
@@ -319,6 +400,18 @@ mod tests {
             let e = parse(bad).expect_err(bad).to_string();
             assert!(e.contains("boot_timeout_secs must be between 1 and 3600"), "{e}");
         }
+    }
+
+    #[test]
+    fn disk_sizes_and_jail_ids_are_checked() {
+        let c = parse("disk_mib = 2048\nmax_disk_mib = 4096\njail_uid = 5000\njail_gid = 5001\njail = false").expect("valid");
+        assert_eq!((c.disk_mib, c.max_disk_mib, c.jail_uid, c.jail_gid, c.jail), (2048, 4096, 5000, 5001, false));
+        let e = parse("disk_mib = 8192\nmax_disk_mib = 4096").expect_err("above max").to_string();
+        assert!(e.contains("disk_mib (8192) is above max_disk_mib (4096)"), "{e}");
+        assert!(parse("disk_mib = 1").expect_err("tiny").to_string().contains("disk_mib must be at least 16"));
+        let e = parse("jail_uid = 0").expect_err("root").to_string();
+        assert!(e.contains("jail_uid and jail_gid must be unprivileged"), "{e}");
+        assert!(parse("cgroup_parent = \"moat\"").expect_err("relative").to_string().contains("cgroup_parent must be an absolute path"));
     }
 
     #[test]
