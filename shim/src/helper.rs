@@ -2,15 +2,17 @@
 //!
 //! They exist so that a child can be prepared between fork and exec without unsafe
 //! code: the binary re-executes itself, the helper does the preparation with safe
-//! calls, then execs the real program.
+//! calls, then execs (or starts) the real program.
 //!
 //! - `exec PARENT PROG ARGS...`: dies with PARENT (PR_SET_PDEATHSIG), then execs PROG.
-//!   Used for moat-vmm, so a SIGKILLed `moat` takes its VM with it. PARENT 0: no tie.
+//!   Used for moat-vmm when the jail is off. PARENT 0: no tie.
+//! - `vmm JSON`: moat-vmm in its jail ([`crate::jail`]).
 //! - `fs JSON`: unshares a mount namespace of its own, makes the sandbox's host mounts
-//!   (overlay rootfs, bind volumes) inside it, then execs virtiofsd there. The mounts
-//!   exist only in that namespace and vanish with virtiofsd, whatever kills it. The
-//!   namespace's `/` is a slave of the caller's: mounts the caller makes later under a
-//!   shared mount (the shim's container roots) still reach virtiofsd.
+//!   inside it, makes the share's own directories read-only, then execs virtiofsd
+//!   there. The mounts exist only in that namespace and vanish with virtiofsd,
+//!   whatever kills it. The namespace's `/` is a slave of the caller's: mounts the
+//!   caller makes later under a shared mount (the shim's container roots) still reach
+//!   virtiofsd, with their own flags, below the read-only share.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -40,14 +42,24 @@ pub struct FsBackend {
     pub parent_pid: i32,
     pub virtiofsd: PathBuf,
     pub socket: PathBuf,
+    /// The directory served; read-only to the guest, except what is mounted below it
+    /// writable.
     pub shared: PathBuf,
+    /// `shared` is a mount of its own already (the shim's, with shared propagation);
+    /// otherwise the helper binds it on itself first.
+    pub shared_is_mount: bool,
     pub mounts: Vec<HostMount>,
+    /// Host directories a user shares: refuse set-ID modes and device nodes
+    /// ([`crate::fsguard`]).
+    pub hardened: bool,
+    /// The host cgroup directory to join (None: stay in the caller's).
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Why a helper failed (printed on its stderr, which goes to a log in the state dir).
 #[derive(Debug, thiserror::Error)]
 pub enum HelperError {
-    #[error("usage: {HELPER_ARG} exec PARENT PROG [ARGS...] | {HELPER_ARG} fs JSON")]
+    #[error("usage: {HELPER_ARG} exec PARENT PROG [ARGS...] | {HELPER_ARG} fs JSON | {HELPER_ARG} vmm JSON")]
     Usage,
     #[error("the parent exited before the helper started")]
     Orphaned,
@@ -59,6 +71,16 @@ pub enum HelperError {
     },
     #[error("cannot read /proc/self/mountinfo")]
     MountInfo(#[source] std::io::Error),
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Jail(String),
+    #[error(transparent)]
+    Guard(#[from] crate::fsguard::FsGuardError),
     #[error("bad fs backend description")]
     Json(#[from] serde_json::Error),
     #[error("path {0:?} contains a NUL byte, or a comma or colon that overlayfs options cannot hold")]
@@ -86,7 +108,7 @@ pub fn run_if_helper() {
     std::process::exit(125);
 }
 
-fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> HelperError {
+pub(crate) fn sys(what: impl Into<String>) -> impl FnOnce(nix::Error) -> HelperError {
     let what = what.into();
     move |source| HelperError::Sys { what, source }
 }
@@ -108,31 +130,48 @@ fn run(args: &[std::ffi::OsString]) -> Result<std::convert::Infallible, HelperEr
             if cfg.parent_pid != 0 {
                 die_with_parent(cfg.parent_pid)?;
             }
-            make_mounts(&cfg.mounts)?;
+            if let Some(cg) = &cfg.cgroup {
+                crate::jail::join_cgroup(cg)?;
+            }
+            make_mounts(&cfg)?;
             let argv = virtiofsd_args(&cfg);
+            if cfg.hardened {
+                crate::fsguard::install()?;
+            }
             exec(&cfg.virtiofsd, &argv)
+        }
+        "vmm" => {
+            let json = args.get(1).and_then(|a| a.to_str()).ok_or(HelperError::Usage)?;
+            let j: crate::jail::VmmJail = serde_json::from_str(json)?;
+            if j.parent_pid != 0 {
+                die_with_parent(j.parent_pid)?;
+            }
+            crate::jail::run(&j)
         }
         _ => Err(HelperError::Usage),
     }
 }
 
-/// virtiofsd's command line (QEMU 7.2's C virtiofsd syntax).
+/// virtiofsd's command line (the Rust virtiofsd): its namespace sandbox (pivot_root
+/// into the share, own pid and network namespaces), seccomp that kills on a call it
+/// does not expect, no CAP_MKNOD (no device nodes) and no CAP_SETFCAP (no file
+/// capabilities), and each submount (a container's rootfs) announced to the guest as
+/// a file system of its own, so inode numbers never collide across them.
 pub fn virtiofsd_args(cfg: &FsBackend) -> Vec<std::ffi::OsString> {
-    let mut source = std::ffi::OsString::from("source=");
-    source.push(&cfg.shared);
+    let mut shared = std::ffi::OsString::from("--shared-dir=");
+    shared.push(&cfg.shared);
     let mut socket = std::ffi::OsString::from("--socket-path=");
     socket.push(&cfg.socket);
     [
         cfg.virtiofsd.as_os_str().to_os_string(),
         socket,
-        "-o".into(),
-        source,
-        "-o".into(),
-        "cache=auto".into(),
-        "-o".into(),
-        "sandbox=namespace".into(),
-        "-o".into(),
-        "log_level=warn".into(),
+        shared,
+        "--sandbox=namespace".into(),
+        "--seccomp=kill".into(),
+        "--modcaps=-mknod:-setfcap".into(),
+        "--announce-submounts".into(),
+        "--cache=auto".into(),
+        "--log-level=warn".into(),
     ]
     .into()
 }
@@ -169,42 +208,63 @@ pub fn overlay_options(lower: &Path, upper: &Path, work: &Path) -> Result<String
     Ok(format!("lowerdir={},upperdir={},workdir={}", overlay_path(lower)?, overlay_path(upper)?, overlay_path(work)?))
 }
 
-fn make_mounts(mounts: &[HostMount]) -> Result<(), HelperError> {
+/// Host-side flags of every mount the guest reaches: virtiofsd opens no device node
+/// and runs nothing, so neither may work through the share.
+pub const SHARE_FLAGS: MsFlags = MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV);
+
+fn make_mounts(cfg: &FsBackend) -> Result<(), HelperError> {
     unshare(CloneFlags::CLONE_NEWNS).map_err(sys("cannot create a mount namespace (moat run needs root)"))?;
     // Nothing we mount may propagate back to the caller's namespace (slave: one way),
     // while what the caller mounts later under a shared mount still reaches us.
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_SLAVE, None::<&str>)
         .map_err(sys("cannot make / a slave mount in the helper's mount namespace"))?;
-    for m in mounts {
+    // The share's own directories (the skeleton the host makes mount points in) are
+    // read-only to the guest: it can neither plant a symlink where the host will
+    // mount later nor fill the state dir's tmpfs. What is mounted below keeps its own
+    // flags (a writable rootfs or volume stays writable).
+    let shared = &cfg.shared;
+    if !cfg.shared_is_mount {
+        mount(Some(shared), shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(sys(format!("cannot bind {} on itself", shared.display())))?;
+    }
+    mount(None::<&str>, shared, None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY | SHARE_FLAGS, None::<&str>)
+        .map_err(sys(format!("cannot make {} read-only", shared.display())))?;
+    for m in &cfg.mounts {
         match m {
             HostMount::Overlay { lower, upper, work, target } => {
                 let data = overlay_options(lower, upper, work)?;
-                mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(data.as_str()))
+                mount(Some("overlay"), target, Some("overlay"), SHARE_FLAGS, Some(data.as_str()))
                     .map_err(sys(format!("cannot mount the overlay rootfs on {}", target.display())))?;
             }
             HostMount::Bind { source, target, read_only } => {
                 mount(Some(source), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
                     .map_err(sys(format!("cannot bind {} on {}", source.display(), target.display())))?;
-                if *read_only {
-                    // A bind remount changes one mount only: make every mount the
-                    // recursive bind brought along read-only too, or a submount of a
-                    // `:ro` volume would stay writable for the guest.
-                    let flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
-                    let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(HelperError::MountInfo)?;
-                    for point in mounts_at_or_below(&info, target) {
-                        mount(None::<&str>, &point, None::<&str>, flags, None::<&str>)
-                            .map_err(sys(format!("cannot make {} read-only", point.display())))?;
-                    }
-                }
+                let info = std::fs::read_to_string("/proc/self/mountinfo").map_err(HelperError::MountInfo)?;
+                restrict_tree(&info, target, *read_only)?;
             }
         }
     }
     Ok(())
 }
 
+/// Remounts `top` and every mount below it (what a recursive bind brought along)
+/// with [`SHARE_FLAGS`], and read-only if asked: a bind remount changes one mount
+/// only, so a submount of a `:ro` volume would otherwise stay writable.
+pub fn restrict_tree(mountinfo: &str, top: &Path, read_only: bool) -> Result<(), HelperError> {
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | SHARE_FLAGS;
+    if read_only {
+        flags |= MsFlags::MS_RDONLY;
+    }
+    for point in mounts_at_or_below(mountinfo, top) {
+        mount(None::<&str>, &point, None::<&str>, flags, None::<&str>)
+            .map_err(sys(format!("cannot restrict {}", point.display())))?;
+    }
+    Ok(())
+}
+
 /// Mount points in `mountinfo` (the text of /proc/self/mountinfo) that are `top` or
 /// below it, in the order they were mounted (parents first).
-fn mounts_at_or_below(mountinfo: &str, top: &Path) -> Vec<PathBuf> {
+pub fn mounts_at_or_below(mountinfo: &str, top: &Path) -> Vec<PathBuf> {
     mountinfo
         .lines()
         .filter_map(|l| l.split(' ').nth(4))
@@ -214,7 +274,7 @@ fn mounts_at_or_below(mountinfo: &str, top: &Path) -> Vec<PathBuf> {
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, and so on).
-fn unescape_mountinfo(field: &str) -> String {
+pub fn unescape_mountinfo(field: &str) -> String {
     let b = field.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -257,9 +317,12 @@ mod tests {
     fn fs_backend_round_trips_and_builds_virtiofsd_args() {
         let cfg = FsBackend {
             parent_pid: 1,
-            virtiofsd: "/usr/lib/qemu/virtiofsd".into(),
+            virtiofsd: "/usr/local/libexec/moat/virtiofsd".into(),
             socket: "/run/moat/x/fs.sock".into(),
             shared: "/run/moat/x/shared".into(),
+            shared_is_mount: false,
+            hardened: true,
+            cgroup: None,
             mounts: vec![
                 HostMount::Overlay { lower: "/l".into(), upper: "/u".into(), work: "/w".into(), target: "/t".into() },
                 HostMount::Bind { source: "/s".into(), target: "/t2".into(), read_only: true },
@@ -269,7 +332,10 @@ mod tests {
         assert_eq!(back.mounts, cfg.mounts);
         let args: Vec<String> = virtiofsd_args(&cfg).iter().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(args[1], "--socket-path=/run/moat/x/fs.sock");
-        assert!(args.windows(2).any(|w| w == ["-o", "source=/run/moat/x/shared"]));
-        assert!(args.windows(2).any(|w| w == ["-o", "sandbox=namespace"]));
+        assert!(args.iter().any(|a| a == "--shared-dir=/run/moat/x/shared"));
+        assert!(args.iter().any(|a| a == "--sandbox=namespace"));
+        assert!(args.iter().any(|a| a == "--seccomp=kill"));
+        assert!(args.iter().any(|a| a == "--modcaps=-mknod:-setfcap"));
+        assert!(back.hardened && !back.shared_is_mount);
     }
 }

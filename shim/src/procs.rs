@@ -32,7 +32,7 @@ pub fn start_time(pid: i32) -> Option<u64> {
 
 /// Field 22 of a `/proc/<pid>/stat` line. The command name (field 2) may hold spaces
 /// and parentheses, so fields are counted from its last `)`.
-fn parse_start_time(stat: &str) -> Option<u64> {
+pub(crate) fn parse_start_time(stat: &str) -> Option<u64> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // After the name: field 3 (state) is index 0, so field 22 is index 19.
     rest.split_whitespace().nth(19)?.parse().ok()

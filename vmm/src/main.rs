@@ -13,7 +13,7 @@ use moat_config::{check_memory, check_vcpus, DiskConfig, FsConfig, SerialOutput,
 use moat_vmm::{Microvm, Outcome, StopReason};
 
 const USAGE: &str = "usage: moat-vmm [--config FILE] [--kernel PATH] [--initrd PATH] [--vcpus N] \
-[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--disk PATH[,ro]]... [--fs TAG=SOCKET]... [--vsock UDS_PATH [--vsock-cid N]] [--no-seccomp] [--no-huge-pages] | --print-default-cmdline";
+[--memory MIB] [--cmdline STRING] [--serial stdout|none|PATH] [--disk PATH[,ro]]... [--fs TAG=SOCKET]... [--vsock UDS_PATH [--vsock-cid N]] [--no-seccomp] [--no-huge-pages] [--die-with-parent] | --print-default-cmdline";
 
 #[derive(Debug)]
 struct UsageError(String);
@@ -123,12 +123,22 @@ fn exit_status(outcome: &Outcome) -> u8 {
 
 fn main() -> ExitCode {
     moat_vmm::started();
+    // Started by moat's jail helper, which stays as our parent outside our pid
+    // namespace: go when it goes, whatever killed it.
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    if let Some(i) = args.iter().position(|a| a == "--die-with-parent") {
+        args.remove(i);
+        if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL) {
+            eprintln!("moat-vmm: cannot set the parent-death signal: {e}");
+            return ExitCode::from(1);
+        }
+    }
     // virtio-queue logs at error level on driver mistakes a guest can repeat at will;
     // keep those out of the host's logs unless asked for with RUST_LOG.
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info,virtio_queue=off"))
         .format_timestamp_millis()
         .init();
-    let config = match parse_args(std::env::args().skip(1)) {
+    let config = match parse_args(args) {
         Ok(Some(c)) => c,
         Ok(None) => {
             println!("{USAGE}");
