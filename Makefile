@@ -31,18 +31,21 @@ deps: $(BUILD)/.deps
 $(BUILD)/.deps: Makefile $(TESTHOST)
 	@if ! apt-cache policy linux-source-6.1 2>/dev/null | grep -q Candidate; then apt-get update -qq; fi
 	DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y -qq --no-install-recommends \
-	  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3 busybox-static qemu-system-common >/dev/null
+	  linux-source-6.1 build-essential flex bison bc libelf-dev libssl-dev cpio xz-utils python3 busybox-static qemu-system-common \
+	  libcap-ng-dev libseccomp-dev e2fsprogs >/dev/null
 	$(TESTHOST) deps
 	@mkdir -p $(BUILD) && touch $@
 
-# The VMM (dynamically linked host binary) and the agent (static: it is the guest's
-# only userspace and there is no musl target here).
+# The shim binaries (dynamically linked), and, statically linked (there is no musl
+# target here), the agent (the guest's only userspace) and the VMM (its jail holds no
+# libraries). virtiofsd: the Rust one, built once from crates.io and cached.
 build: deps
-	$(CARGO) build --release --locked -p moat-vmm -p moat-shim
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-agent --target $(HOST_TRIPLE)
+	$(CARGO) build --release --locked -p moat-shim
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-agent -p moat-vmm --target $(HOST_TRIPLE)
 	@mkdir -p $(BIN)
-	cp target/release/moat-vmm target/release/moat target/release/containerd-shim-moat-v2 $(BIN)/
-	cp target/$(HOST_TRIPLE)/release/moat-agent $(BIN)/
+	cp target/release/moat target/release/containerd-shim-moat-v2 $(BIN)/
+	cp target/$(HOST_TRIPLE)/release/moat-agent target/$(HOST_TRIPLE)/release/moat-vmm $(BIN)/
+	rootfs/build-virtiofsd.sh $(BIN)/virtiofsd
 
 guest: build
 	rootfs/build-kernel.sh $(GUEST)
@@ -63,6 +66,7 @@ install: build guest
 	install -D -m 0755 $(BIN)/moat-vmm $(DESTDIR)$(PREFIX)/bin/moat-vmm
 	install -D -m 0755 $(BIN)/moat $(DESTDIR)$(PREFIX)/bin/moat
 	install -D -m 0755 $(BIN)/containerd-shim-moat-v2 $(DESTDIR)$(PREFIX)/bin/containerd-shim-moat-v2
+	install -D -m 0755 $(BIN)/virtiofsd $(DESTDIR)$(PREFIX)/libexec/moat/virtiofsd
 	install -D -m 0644 $(GUEST)/vmlinux $(DESTDIR)$(SHAREDIR)/vmlinux
 	install -D -m 0644 $(GUEST)/bzImage $(DESTDIR)$(SHAREDIR)/bzImage
 	install -D -m 0644 $(GUEST)/initramfs.cpio.gz $(DESTDIR)$(SHAREDIR)/initramfs.cpio.gz

@@ -59,6 +59,9 @@ pub fn acquire(s: &Storage) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(&s.target).map_err(|e| AgentError::internal(format!("cannot create {}", s.target), e))?;
+    if s.fstype == "overlay" {
+        prepare_overlay(&s.options)?;
+    }
     let o = crate::mounts::parse_options(&s.options);
     let data = o.data.join(",");
     let data = (!data.is_empty()).then_some(data.as_str());
@@ -72,6 +75,25 @@ pub fn acquire(s: &Storage) -> Result<()> {
     })?;
     log::info!("storage {} ({}) mounted on {}", s.source, s.fstype, s.target);
     t.insert(s.target.clone(), Mounted { users: 1, source: s.source.clone(), fstype: s.fstype.clone() });
+    Ok(())
+}
+
+/// Creates an overlay's upper and work directories (on a storage mounted before it),
+/// the upper one with the mode and owner of the first lower layer's root, which is
+/// what the merged root shows.
+fn prepare_overlay(options: &[String]) -> Result<()> {
+    let opt = |key: &str| options.iter().find_map(|o| o.strip_prefix(key).and_then(|v| v.strip_prefix('=')));
+    let (Some(upper), Some(work)) = (opt("upperdir"), opt("workdir")) else { return Ok(()) };
+    for d in [upper, work] {
+        std::fs::create_dir_all(d).map_err(|e| AgentError::internal(format!("cannot create {d}"), e))?;
+    }
+    if let Some(lower) = opt("lowerdir").and_then(|l| l.split(':').next()) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let m = std::fs::metadata(lower).map_err(|e| AgentError::internal(format!("cannot stat the lower layer {lower}"), e))?;
+        std::fs::set_permissions(upper, std::fs::Permissions::from_mode(m.mode() & 0o7777))
+            .map_err(|e| AgentError::internal(format!("cannot set the mode of {upper}"), e))?;
+        std::os::unix::fs::chown(upper, Some(m.uid()), Some(m.gid())).map_err(|e| AgentError::internal(format!("cannot chown {upper}"), e))?;
+    }
     Ok(())
 }
 

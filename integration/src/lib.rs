@@ -13,13 +13,16 @@ pub fn kvm_boots_linux() -> bool {
 /// Finds one of moat's files: under `MOAT_PREFIX` if that is set; else the freshest
 /// build of this checkout (cargo's `target/debug`, then `build/`); else where
 /// `make install` puts it by default (/usr/local).
-/// `name` is a binary (`moat-vmm`, `moat`) or a guest artifact (`vmlinux`, `bzImage`,
-/// `initramfs.cpio.gz`).
+/// `name` is a binary (`moat-vmm`, `moat`, `virtiofsd`: `make build` puts the last in
+/// `build/bin`, `make install` in `libexec/moat`) or a guest artifact (`vmlinux`,
+/// `bzImage`, `initramfs.cpio.gz`).
 pub fn artifact(name: &str) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let prefix = std::env::var_os("MOAT_PREFIX").map(PathBuf::from);
     let (subdir, local) = if name == "moat-vmm" || name == "moat" {
         ("bin", vec![repo.join("target/debug"), repo.join("build/bin")])
+    } else if name == "virtiofsd" {
+        ("libexec/moat", vec![repo.join("build/bin")])
     } else {
         ("share/moat", vec![repo.join("build/guest")])
     };

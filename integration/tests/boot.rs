@@ -501,21 +501,20 @@ fn agent_api_version_over_vsock() {
 
 // --- virtio-fs: virtiofsd shares a host directory, the guest reads and writes it ---
 
-/// Debian's virtiofsd (package qemu-system-common; `make deps` installs it).
-const VIRTIOFSD: &str = "/usr/lib/qemu/virtiofsd";
-
-/// Starts virtiofsd on `share`, serving at `sock`; returns once it listens.
+/// Starts the virtiofsd moat uses (the Rust one `make build` puts in build/bin) on
+/// `share`, serving at `sock`; returns once it listens.
 fn start_virtiofsd(share: &Path, sock: &Path) -> Child {
-    assert!(Path::new(VIRTIOFSD).exists(), "{VIRTIOFSD} is missing: install qemu-system-common (make deps)");
+    let virtiofsd = artifact("virtiofsd");
     let _ = std::fs::remove_file(sock);
-    let mut child = Command::new(VIRTIOFSD)
+    let mut child = Command::new(&virtiofsd)
         .arg(format!("--socket-path={}", sock.display()))
-        .args(["-o", &format!("source={}", share.display()), "-o", "cache=auto"])
+        .arg(format!("--shared-dir={}", share.display()))
+        .args(["--cache=auto", "--sandbox=namespace"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {VIRTIOFSD}: {e}"));
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", virtiofsd.display()));
     let start = Instant::now();
     while !sock.exists() {
         let exited = child.try_wait().expect("wait for virtiofsd");

@@ -82,15 +82,23 @@ pub fn run(opts: &Options) -> Vec<Check> {
             }));
             let set = |key: &str| format!("set {key} in {cfg_name}");
             out.push(executable("moat-vmm", &cfg.vmm, &format!("install it (make install) or {}", set("vmm"))));
-            out.push(executable(
-                "virtiofsd",
-                &cfg.virtiofsd,
-                &format!("apt-get install qemu-system-common (Debian), or {}", set("virtiofsd")),
-            ));
+            let vfsd = executable("virtiofsd", &cfg.virtiofsd, &format!("install moat's (make install), or {}", set("virtiofsd")));
+            let vfsd_ok = vfsd.level == Level::Ok;
+            out.push(vfsd);
+            if vfsd_ok {
+                out.push(virtiofsd_version(&cfg.virtiofsd, &set("virtiofsd")));
+            }
+            out.extend(jail(&cfg, &set("jail")));
             out.push(kernel(&cfg.kernel, &format!("make guest && make install, or {}", set("kernel"))));
             out.push(nonempty("guest initramfs", &cfg.initrd, &format!("make guest && make install, or {}", set("initrd"))));
             out.push(writable_dir("state dir", &cfg.state_dir, &set("state_dir")));
             out.push(writable_dir("image dir", &cfg.image_dir, &set("image_dir")));
+            out.push(disk_dir(&cfg.disk_dir, &set("disk_dir")));
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            out.push(match find_in_path(&path, "mkfs.ext4").or_else(|| find_in_path(std::ffi::OsStr::new("/usr/sbin:/sbin"), "mkfs.ext4")) {
+                Some(p) => Check::ok(format!("mkfs.ext4 at {} (moat run's writable layers)", p.display())),
+                None => Check::fail("mkfs.ext4 is missing", "apt-get install e2fsprogs: moat run makes each writable layer with it"),
+            });
         }
         Err(e) => out.push(Check::fail(
             format!("config {cfg_name}"),
@@ -225,6 +233,61 @@ fn writable_dir(name: &str, dir: &Path, fix: &str) -> Check {
                 None => return Check::fail(format!("{name} {}: no ancestor exists", dir.display()), fix),
             },
         }
+    }
+}
+
+/// The Rust virtiofsd answers `--version` with `virtiofsd 1.x`; QEMU's old C one,
+/// end of life and without the options moat passes, does not.
+fn virtiofsd_version(p: &Path, fix: &str) -> Check {
+    match output_of(Command::new(p).arg("--version")) {
+        Ok(out) if out.starts_with("virtiofsd ") => Check::ok(format!("virtiofsd {}: {}", p.display(), out.trim())),
+        _ => Check::fail(
+            format!("virtiofsd {} is not the Rust virtiofsd", p.display()),
+            format!("moat needs the Rust virtiofsd (make install puts it in <prefix>/libexec/moat), or {fix}"),
+        ),
+    }
+}
+
+/// moat-vmm's jail: on, with a static moat-vmm and ids nobody else has.
+fn jail(cfg: &MoatConfig, fix: &str) -> Vec<Check> {
+    if !cfg.jail {
+        return vec![Check::warn("jail = false: moat-vmm runs as root in the host's namespaces", format!("turn it back on: {fix} to true"))];
+    }
+    let mut out = vec![match crate::jail::is_static_elf(&cfg.vmm) {
+        Ok(true) => Check::ok(format!("moat-vmm is statically linked (its jail holds no libraries); runs as {}:{}", cfg.jail_uid, cfg.jail_gid)),
+        Ok(false) => Check::fail(
+            format!("moat-vmm {} is dynamically linked", cfg.vmm.display()),
+            "the jail holds no libraries: install the static build (make build && make install)",
+        ),
+        Err(e) => Check::fail(format!("moat-vmm {}: {e}", cfg.vmm.display()), "install it (make install)"),
+    }];
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    if let Some(user) = passwd.lines().find(|l| l.split(':').nth(2) == Some(&cfg.jail_uid.to_string())) {
+        let name = user.split(':').next().unwrap_or_default();
+        out.push(Check::warn(
+            format!("the jail uid {} is also the user {name}'s", cfg.jail_uid),
+            "pick a uid no one uses (jail_uid and jail_gid in the moat config)",
+        ));
+    }
+    out
+}
+
+/// The writable layers' directory: on disk, not in RAM.
+fn disk_dir(dir: &Path, fix: &str) -> Check {
+    let w = writable_dir("disk dir", dir, fix);
+    if w.level != Level::Ok {
+        return w;
+    }
+    let mut probe = dir;
+    while !probe.exists() {
+        probe = probe.parent().unwrap_or(Path::new("/"));
+    }
+    match nix::sys::statfs::statfs(probe) {
+        Ok(fs) if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC => Check::warn(
+            format!("disk dir {} is on a tmpfs", dir.display()),
+            format!("writable layers there use RAM, not disk: {fix} to a directory on disk"),
+        ),
+        _ => w,
     }
 }
 
@@ -404,6 +467,31 @@ mod tests {
     fn write(p: &Path, bytes: &[u8], mode: u32) {
         std::fs::write(p, bytes).expect("write");
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+
+    #[test]
+    fn the_rust_virtiofsd_is_told_from_others() {
+        let d = tempfile::tempdir().expect("tmp");
+        let rust = d.path().join("virtiofsd");
+        write(&rust, b"#!/bin/sh\necho virtiofsd 1.14.0\n", 0o755);
+        assert_eq!(virtiofsd_version(&rust, "x").level, Level::Ok);
+        let c = d.path().join("old");
+        write(&c, b"#!/bin/sh\necho 'virtiofsd: unknown option --version' >&2; exit 1\n", 0o755);
+        let check = virtiofsd_version(&c, "set virtiofsd");
+        assert_eq!(check.level, Level::Fail);
+        assert!(check.fix.contains("Rust virtiofsd"), "{check}");
+    }
+
+    #[test]
+    fn a_disk_dir_in_ram_is_flagged() {
+        let d = tempfile::tempdir_in("/var/tmp").expect("tmp on disk");
+        assert_eq!(disk_dir(&d.path().join("scratch"), "x").level, Level::Ok);
+        if Path::new("/dev/shm").is_dir() {
+            let shm = tempfile::tempdir_in("/dev/shm").expect("tmp in /dev/shm");
+            let check = disk_dir(shm.path(), "set disk_dir");
+            assert_eq!(check.level, Level::Warn, "{check}");
+            assert!(check.what.contains("tmpfs"), "{check}");
+        }
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn pod_size(spec: &Value, cfg: &MoatConfig) -> Result<PodSize, OciError> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostBind {
     pub source: PathBuf,
-    /// Relative to the container's dir in the share.
+    /// Relative to the container's dir in the volume share.
     pub target: String,
     pub is_dir: bool,
     pub read_only: bool,
@@ -109,6 +109,8 @@ pub struct GuestLayout {
     pub bundle: PathBuf,
     /// The container's dir in the guest (`<guest share>/<container id>`).
     pub guest_dir: String,
+    /// The container's dir in the guest's volume share (`<guest volumes>/<container id>`).
+    pub guest_vol_dir: String,
 }
 
 impl GuestLayout {
@@ -152,8 +154,8 @@ pub fn guest_spec(mut spec: Value, layout: &GuestLayout) -> Result<(Value, Vec<H
                 return Err(err(format!("bind source {} is neither a file nor a directory: it cannot be shared with the guest", host.display())));
             }
             let read_only = m.get("options").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| x == "ro"));
-            let target = format!("mounts/{}", binds.len());
-            m.insert("source".into(), format!("{}/{target}", layout.guest_dir).into());
+            let target = binds.len().to_string();
+            m.insert("source".into(), format!("{}/{target}", layout.guest_vol_dir).into());
             binds.push(HostBind { source: host, target, is_dir: meta.is_dir(), read_only });
         }
     }
@@ -223,19 +225,19 @@ mod tests {
                 "resources": {"pids": {"limit": 10}}
             }
         });
-        let layout = GuestLayout { bundle: bundle.path().into(), guest_dir: "/run/moat/shared/c1".into() };
+        let layout = GuestLayout { bundle: bundle.path().into(), guest_dir: "/run/moat/shared/c1".into(), guest_vol_dir: "/run/moat/volumes/c1".into() };
         let (g, binds) = guest_spec(spec, &layout).expect("rewrite");
         assert_eq!(g["root"], json!({"path": "/run/moat/shared/c1/rootfs", "readonly": true}));
         assert!(g.get("hooks").is_none());
         assert_eq!(g["mounts"][0]["type"], "proc");
         assert_eq!(g["mounts"][1]["type"], "cgroup2");
-        assert_eq!(g["mounts"][2]["source"], "/run/moat/shared/c1/mounts/0");
-        assert_eq!(g["mounts"][3]["source"], "/run/moat/shared/c1/mounts/1");
+        assert_eq!(g["mounts"][2]["source"], "/run/moat/volumes/c1/0");
+        assert_eq!(g["mounts"][3]["source"], "/run/moat/volumes/c1/1");
         assert_eq!(
             binds,
             vec![
-                HostBind { source: bundle.path().join("hosts"), target: "mounts/0".into(), is_dir: false, read_only: true },
-                HostBind { source: data.path().into(), target: "mounts/1".into(), is_dir: true, read_only: false },
+                HostBind { source: bundle.path().join("hosts"), target: "0".into(), is_dir: false, read_only: true },
+                HostBind { source: data.path().into(), target: "1".into(), is_dir: true, read_only: false },
             ]
         );
         assert!(g["linux"].get("cgroupsPath").is_none());
@@ -246,7 +248,7 @@ mod tests {
 
     #[test]
     fn unusable_binds_are_named() {
-        let layout = GuestLayout { bundle: "/nonexistent".into(), guest_dir: "/g".into() };
+        let layout = GuestLayout { bundle: "/nonexistent".into(), guest_dir: "/g".into(), guest_vol_dir: "/v".into() };
         let spec = json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/x"}]});
         let e = guest_spec(spec, &layout).expect_err("missing").to_string();
         assert!(e.starts_with("mount /x: bind source /nonexistent/x"), "{e}");

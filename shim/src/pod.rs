@@ -14,13 +14,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use moat_config::MoatConfig;
-use moat_protocol::{CreateContainerRequest, ExecProcessRequest, StatsResponse, Stdio as ProtoStdio, Storage};
+use moat_protocol::{CreateContainerRequest, ExecProcessRequest, StatsResponse, Stdio as ProtoStdio};
 
 use crate::agent::{Agent, AgentError, ProcessId};
 use crate::fifo::{attached, IoError, ProcessIo};
 use crate::mounts::{self, MountError, MountSpec};
 use crate::oci::{self, GuestLayout, OciError};
-use crate::sandbox::{Lifetime, Sandbox, SandboxError, SandboxSpec, FS_TAG, GUEST_SHARED};
+use crate::safefs::Beneath;
+use crate::sandbox::{Lifetime, Sandbox, SandboxError, SandboxSpec, GUEST_SHARED, GUEST_VOLUMES};
 use crate::task::{Exit, IoPaths, Process, Snapshot, StateError, TaskState};
 
 /// Exit status reported for a process whose VM died under it (as if SIGKILLed).
@@ -132,8 +133,8 @@ struct Proc {
 
 struct Container {
     bundle: PathBuf,
-    /// `shared/<id>` on the host.
-    host_dir: PathBuf,
+    /// `shared/<id>` and `volumes/<id>` on the host.
+    host_dirs: [PathBuf; 2],
     /// The pid containerd sees: the VMM's.
     pid: u32,
     init: Arc<Proc>,
@@ -218,6 +219,11 @@ impl Pod {
         let pod_id = oci::pod_id(&spec, &req.id);
         let size = oci::pod_size(&spec, &self.cfg)?;
         let fallback_root = req.bundle.join(spec.get("root").and_then(|r| r.get("path")).and_then(|p| p.as_str()).unwrap_or("rootfs"));
+        // The host cgroup of the pod's VM: the first container's (a CRI pod's sandbox's).
+        let cgroup = match spec.get("linux").and_then(|l| l.get("cgroupsPath")).and_then(|p| p.as_str()).filter(|p| !p.is_empty()) {
+            Some(p) => Some(crate::cgroup::from_cgroups_path(p).map_err(|e| TaskError::InvalidArgument(format!("spec.linux.cgroupsPath: {e}")))?),
+            None => None,
+        };
         let mut inner = self.lock();
         if inner.containers.contains_key(&req.id) {
             return Err(TaskError::AlreadyExists(format!("container {} already exists", req.id)));
@@ -237,6 +243,8 @@ impl Pod {
                 root: None,
                 volumes: Vec::new(),
                 lifetime: Lifetime::Detached,
+                disk_mib: self.cfg.disk_mib,
+                cgroup,
             };
             inner.sandbox = Some(Sandbox::start(&self.cfg, &spec, &Arc::new(AtomicBool::new(false)))?);
             inner.pod_id = Some(pod_id.clone());
@@ -250,10 +258,10 @@ impl Pod {
             inner.pod_id = None;
         }
         let (pid, init) = result?;
-        let host_dir = inner.sandbox.as_ref().map(|s| s.shared().join(&req.id)).unwrap_or_default();
+        let host_dirs = inner.sandbox.as_ref().map(|s| [s.shared().join(&req.id), s.volumes().join(&req.id)]).unwrap_or_default();
         inner.containers.insert(
             req.id.clone(),
-            Container { bundle: req.bundle.clone(), host_dir, pid, init, execs: BTreeMap::new() },
+            Container { bundle: req.bundle.clone(), host_dirs, pid, init, execs: BTreeMap::new() },
         );
         self.send(TaskEvent::Create { id: req.id.clone(), bundle: req.bundle, rootfs: req.rootfs, io: req.io, pid });
         Ok(pid)
@@ -266,44 +274,48 @@ impl Pod {
         }
         let pid = sb.vmm_pid().ok_or_else(|| TaskError::Unavailable("the VM is gone".into()))?;
         let agent = sb.agent().cloned().ok_or_else(|| TaskError::Unavailable("no agent".into()))?;
-        let host_dir = sb.shared().join(&req.id);
-        let layout = GuestLayout { bundle: req.bundle.clone(), guest_dir: format!("{GUEST_SHARED}/{}", req.id) };
+        let (shared, volumes, staging) = (sb.shared(), sb.volumes(), sb.dir().join("staging"));
+        let layout = GuestLayout {
+            bundle: req.bundle.clone(),
+            guest_dir: format!("{GUEST_SHARED}/{}", req.id),
+            guest_vol_dir: format!("{GUEST_VOLUMES}/{}", req.id),
+        };
         let (mut guest, binds) = oci::guest_spec(spec, &layout)?;
         if let Some(p) = guest.get_mut("process").and_then(|p| p.as_object_mut()) {
             p.insert("terminal".into(), req.io.terminal.into());
         }
-        let undo_mounts = |host_dir: &Path| {
-            mounts::unmount_under(host_dir);
-            let _ = std::fs::remove_dir_all(host_dir);
-        };
+        let id = Path::new(&req.id);
+        let undo_mounts = || remove_container_dirs(&req.id, &[shared.join(id), volumes.join(id)]);
         let mounted = (|| -> Result<(), TaskError> {
-            mounts::mount_rootfs(&req.rootfs, fallback_root, &host_dir.join("rootfs"))?;
+            let share = Beneath::open(&shared).map_err(|e| TaskError::Internal(crate::error_chain(&e)))?;
+            mounts::mount_rootfs(&share, &id.join("rootfs"), &staging, &req.rootfs, fallback_root)?;
+            let vols = Beneath::open(&volumes).map_err(|e| TaskError::Internal(crate::error_chain(&e)))?;
             for b in &binds {
-                mounts::bind(&b.source, &host_dir.join(&b.target), b.is_dir, b.read_only)?;
+                mounts::bind(&vols, &id.join(&b.target), &staging, &b.source, b.is_dir, b.read_only)?;
             }
             Ok(())
         })();
         if let Err(e) = mounted {
-            undo_mounts(&host_dir);
+            undo_mounts();
             return Err(e);
         }
         let (stdin, stdout, stderr) = attached(&req.io);
         let create = CreateContainerRequest {
             container_id: req.id.clone(),
             spec: guest.to_string().into_bytes(),
-            storages: vec![Storage { source: FS_TAG.into(), fstype: "virtiofs".into(), target: GUEST_SHARED.into(), ..Default::default() }],
+            storages: sb.storages(),
             stdio: Some(ProtoStdio { stdin, stdout, stderr, ..Default::default() }).into(),
             ..Default::default()
         };
         if let Err(e) = agent.create_container(&create) {
-            undo_mounts(&host_dir);
+            undo_mounts();
             return Err(TaskError::agent("CreateContainer", e));
         }
         let io = match Self::attach(&agent, sb.vsock_path(), &req.id, "", &req.io) {
             Ok(io) => io,
             Err(e) => {
                 let _ = agent.remove_container(&req.id);
-                undo_mounts(&host_dir);
+                undo_mounts();
                 return Err(e);
             }
         };
@@ -487,13 +499,7 @@ impl Pod {
                 }
             }
         }
-        let n = mounts::unmount_under(&c.host_dir);
-        log::debug!("{id}: {n} host mounts removed");
-        if let Err(e) = std::fs::remove_dir_all(&c.host_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                log::warn!("{id}: cannot remove {}: {e}", c.host_dir.display());
-            }
-        }
+        remove_container_dirs(id, &c.host_dirs);
         if inner.containers.is_empty() {
             if let Some(mut sb) = inner.sandbox.take() {
                 log::info!("pod {}: last container deleted; stopping the VM", sb.id);
@@ -510,10 +516,27 @@ impl Pod {
     pub fn shutdown(&self) {
         let mut inner = self.lock();
         for c in std::mem::take(&mut inner.containers).into_values() {
-            mounts::unmount_under(&c.host_dir);
+            for d in &c.host_dirs {
+                mounts::unmount_under(d);
+            }
         }
         if let Some(mut sb) = inner.sandbox.take() {
             sb.stop();
+        }
+    }
+}
+
+/// Unmounts everything below a container's dirs in the shares and removes them,
+/// never entering a mount that is still there (or that the guest renamed in).
+fn remove_container_dirs(id: &str, dirs: &[PathBuf]) {
+    for dir in dirs {
+        let n = mounts::unmount_under(dir);
+        log::debug!("{id}: {n} host mounts removed below {}", dir.display());
+        let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else { continue };
+        match Beneath::open(parent).and_then(|b| b.remove(Path::new(name))) {
+            Ok(0) => {}
+            Ok(left) => log::warn!("{id}: {left} mount point(s) left below {}", dir.display()),
+            Err(e) => log::warn!("{id}: {}", crate::error_chain(&e)),
         }
     }
 }

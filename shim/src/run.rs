@@ -10,12 +10,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use moat_config::{HostConfigError, MoatConfig};
-use moat_protocol::{CreateContainerRequest, Stdio as ProtoStdio, Storage, StreamKind};
+use moat_protocol::{CreateContainerRequest, Stdio as ProtoStdio, StreamKind};
 use nix::sys::signal::Signal;
 
 use crate::agent::{AgentError, ProcessId};
 use crate::image::{self, ImageError};
-use crate::sandbox::{Lifetime, RootSource, Sandbox, SandboxError, SandboxSpec, Volume, FS_TAG, GUEST_SHARED};
+use crate::sandbox::{Lifetime, RootSource, Sandbox, SandboxError, SandboxSpec, Volume, GUEST_VOLUMES};
 use crate::spec::{self, BindMount, SpecError, SpecOptions};
 use crate::stdio::{copy_in, copy_out, open_stream};
 use crate::vsock::DialError;
@@ -51,6 +51,8 @@ pub struct RunOptions {
     pub volumes: Vec<String>,
     pub pids_limit: Option<i64>,
     pub name: Option<String>,
+    /// The writable layer's size (MiB), the container's disk quota.
+    pub disk_mib: Option<u32>,
 }
 
 /// Why a run failed before the command's own status was known.
@@ -160,7 +162,22 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
     moat_protocol::validate_id("--name", &id).map_err(|e| RunError::Usage(e.to_string()))?;
     let volumes = opts.volumes.iter().map(|v| parse_volume(v)).collect::<Result<Vec<_>, _>>()?;
     let img = image::prepare(&opts.image, &cfg.image_dir).map_err(|source| RunError::Image { image: opts.image.display().to_string(), source })?;
-    let guest_root = format!("{GUEST_SHARED}/rootfs");
+    let root = if img.is_plain_dir() {
+        RootSource::Dir { path: img.rootfs.clone(), read_only: opts.read_only }
+    } else {
+        RootSource::Image { rootfs: img.rootfs.clone(), read_only: opts.read_only }
+    };
+    let guest_root = crate::sandbox::guest_root_for(&root);
+    let disk_mib = opts.disk_mib.unwrap_or(cfg.disk_mib);
+    if disk_mib < moat_config::MIN_DISK_MIB {
+        return Err(RunError::Usage(format!("--disk-size {disk_mib} is too small: the least is {} (MiB)", moat_config::MIN_DISK_MIB)));
+    }
+    if disk_mib > cfg.max_disk_mib {
+        return Err(RunError::Usage(format!(
+            "--disk-size {disk_mib} is above the host's limit max_disk_mib={} (set in the moat config)",
+            cfg.max_disk_mib
+        )));
+    }
     let spec_opts = SpecOptions {
         args: opts.args.clone(),
         env: opts.env.clone(),
@@ -171,7 +188,7 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
         mounts: volumes
             .iter()
             .enumerate()
-            .map(|(i, (_, ctr, ro))| BindMount { source: format!("{GUEST_SHARED}/vol/{i}"), destination: ctr.clone(), read_only: *ro })
+            .map(|(i, (_, ctr, ro))| BindMount { source: format!("{GUEST_VOLUMES}/{i}"), destination: ctr.clone(), read_only: *ro })
             .collect(),
         pids_limit: opts.pids_limit,
         hostname: id.chars().take(12).collect(),
@@ -179,11 +196,6 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
     };
     let oci = spec::build(&img.config, &img.rootfs, &guest_root, &spec_opts)?;
     let cmd = oci["process"]["args"][0].as_str().unwrap_or_default().to_string();
-    let root = if img.is_plain_dir() {
-        RootSource::Dir { path: img.rootfs.clone(), read_only: opts.read_only }
-    } else {
-        RootSource::Image { rootfs: img.rootfs.clone(), read_only: opts.read_only }
-    };
     let sandbox_spec = SandboxSpec {
         id: id.clone(),
         vcpus: opts.vcpus.unwrap_or(cfg.vcpus),
@@ -191,6 +203,8 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
         root: Some(root),
         volumes: volumes.iter().map(|(h, _, ro)| Volume { host: h.clone(), read_only: *ro }).collect(),
         lifetime: Lifetime::TiedToCaller,
+        disk_mib,
+        cgroup: Some(cfg.cgroup_parent.join(&id)),
     };
     let mut sandbox = Sandbox::start(cfg, &sandbox_spec, &cancel).map_err(|e| interrupted(e.into()))?;
     let result = run_in(&mut sandbox, &id, &oci, &cmd, opts, tx, &rx, &cancel, &started);
@@ -251,7 +265,7 @@ fn run_in(
     let req = CreateContainerRequest {
         container_id: id.to_string(),
         spec: oci.to_string().into_bytes(),
-        storages: vec![Storage { source: FS_TAG.into(), fstype: "virtiofs".into(), target: GUEST_SHARED.into(), ..Default::default() }],
+        storages: sandbox.storages(),
         stdio: Some(ProtoStdio { stdin: opts.interactive, stdout: true, stderr: !opts.tty, ..Default::default() }).into(),
         ..Default::default()
     };

@@ -1,18 +1,31 @@
-//! One sandbox: a state directory, the virtio-fs backend serving its shared
-//! directory, a microVM, and the agent inside it.
+//! One sandbox: a state directory, the virtio-fs backends serving its shares, a
+//! microVM in its jail, and the agent inside it.
 //!
-//! `<state_dir>/<id>/` holds a lock file (flocked while the sandbox lives), the VM's
-//! config, vsock and fs sockets, logs, the pids of its host processes ([`procs`]),
-//! and `shared/`, which the guest mounts as one virtio-fs.
+//! `<state_dir>/<id>/` (root only) holds a lock file (flocked while the sandbox
+//! lives), the VM's config, logs, the pids of its host processes ([`procs`]), the
+//! cgroup and disk it made ([`crate::cgroup`]), and:
+//! - `shared/`: the guest's virtio-fs `moatfs` (container roots). Read-only to the
+//!   guest, but for what is mounted below it writable;
+//! - `volumes/`: the guest's virtio-fs `moatvol` (host directories a user shares:
+//!   volumes, bind mounts, a root directory used in place), served by a second
+//!   virtiofsd that refuses set-ID modes and device nodes ([`crate::fsguard`]);
+//!   read-only to the guest in the same way;
+//! - `jail/`: what moat-vmm may touch (its vsock socket, the fs backends' sockets,
+//!   the console log), owned by the jail uid;
+//! - `root/`: where the VMM's jail builds its root ([`crate::jail`]).
+//!
+//! A writable image root of `moat run` is not written through virtio-fs at all: the
+//! guest stacks an overlay over the read-only image on a sparse ext4 disk image in
+//! `disk_dir`, whose size is the container's disk quota.
 //!
 //! Two lifetimes ([`Lifetime`]):
-//! - `moat run` ties the sandbox to itself: `shared/` holds `rootfs` and `vol/N`,
-//!   mounted only in the fs backend's private mount namespace, and the backend and
+//! - `moat run` ties the sandbox to itself: `shared/rootfs` and `volumes/N` are
+//!   mounted only in the fs backends' private mount namespaces, and the backends and
 //!   the VMM die with the process that started them (PR_SET_PDEATHSIG).
 //! - The containerd shim detaches it: containers come and go while the VM runs, so
-//!   the shim mounts their roots under `shared/` later, from its own private mount
-//!   namespace, and `shared/` is made a shared mount that the fs backend's namespace
-//!   receives them from. The VMM and the backend are not tied to the shim.
+//!   the shim mounts their roots and binds under the shares later, from its own
+//!   private mount namespace, and both shares are shared mounts that the backends'
+//!   namespaces receive them from. The VMM and the backends are not tied to the shim.
 //!
 //! A directory whose lock is free belongs to a dead owner: the next start (or
 //! `containerd-shim-moat-v2 delete`) stops its recorded processes and removes it.
@@ -20,15 +33,15 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use moat_config::{MoatConfig, SerialOutput, VmConfig, VsockConfig};
-use moat_protocol::{AGENT_API_PORT, AGENT_LOG_PORT};
+use moat_config::{DiskConfig, FsConfig, MoatConfig, SerialOutput, VmConfig, VsockConfig};
+use moat_protocol::{Storage, AGENT_API_PORT, AGENT_LOG_PORT};
 use nix::fcntl::{Flock, FlockArg};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
@@ -36,6 +49,7 @@ use nix::unistd::Pid;
 
 use crate::agent::{Agent, AgentError};
 use crate::helper::{FsBackend, HostMount, HELPER_ARG};
+use crate::jail::{JailFile, VmmJail};
 use crate::procs;
 use crate::vsock::{dial, DialError};
 
@@ -43,6 +57,17 @@ use crate::vsock::{dial, DialError};
 pub const FS_TAG: &str = "moatfs";
 /// Where the agent mounts the shared directory in the guest.
 pub const GUEST_SHARED: &str = "/run/moat/shared";
+/// The virtio-fs tag of the volume share.
+pub const VOL_TAG: &str = "moatvol";
+/// Where the agent mounts the volume share in the guest.
+pub const GUEST_VOLUMES: &str = "/run/moat/volumes";
+/// Where the guest mounts the writable-layer disk, and the overlay root over it.
+pub const GUEST_SCRATCH: &str = "/run/moat/scratch";
+pub const GUEST_OVERLAY_ROOT: &str = "/run/moat/rootfs";
+/// The guest's name for the writable-layer disk (the VM's only virtio-blk device).
+const GUEST_DISK: &str = "/dev/vda";
+/// The record of the writable-layer disk in a state dir (its host path).
+const DISK_FILE: &str = "disk";
 /// How long virtiofsd may take to create its socket.
 const FS_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the guest gets to power off after Shutdown before the VMM is signalled.
@@ -71,6 +96,15 @@ pub struct Volume {
     pub read_only: bool,
 }
 
+/// Where the guest finds a root of this kind (what [`Sandbox::guest_root`] will say).
+pub fn guest_root_for(root: &RootSource) -> String {
+    match root {
+        RootSource::Image { read_only: false, .. } => GUEST_OVERLAY_ROOT.into(),
+        RootSource::Dir { read_only: false, .. } => format!("{GUEST_VOLUMES}/rootfs"),
+        RootSource::Image { .. } | RootSource::Dir { .. } => format!("{GUEST_SHARED}/rootfs"),
+    }
+}
+
 /// Who keeps a sandbox's host processes alive.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Lifetime {
@@ -94,6 +128,10 @@ pub struct SandboxSpec {
     pub root: Option<RootSource>,
     pub volumes: Vec<Volume>,
     pub lifetime: Lifetime,
+    /// Size of the writable-layer disk for a writable image root (MiB).
+    pub disk_mib: u32,
+    /// The host cgroup (below the cgroup v2 root) the VMM and backends join.
+    pub cgroup: Option<PathBuf>,
 }
 
 /// Why a sandbox could not start.
@@ -111,6 +149,10 @@ pub enum SandboxError {
     },
     #[error("the virtio-fs backend failed to start: {0}")]
     FsBackend(String),
+    #[error("cannot set up the sandbox's cgroup")]
+    Cgroup(#[from] crate::cgroup::CgroupError),
+    #[error("cannot make the writable-layer disk {path}: {message}")]
+    Disk { path: PathBuf, message: String },
     #[error("the VM exited during boot ({status}); console:\n{console}")]
     VmmExited { status: String, console: String },
     #[error("the guest agent did not come up within {secs} s; console:\n{console}")]
@@ -135,13 +177,24 @@ pub struct Sandbox {
     vsock: PathBuf,
     console: PathBuf,
     vmm: Option<Child>,
-    fs: Option<Child>,
+    /// The virtio-fs backends (the rootfs share, then the volume share if any).
+    fs: Vec<Child>,
     agent: Option<Agent>,
     vmm_status: Option<ExitStatus>,
     lifetime: Lifetime,
-    /// `shared/` is bind-mounted on itself (Detached): unmount it on stop.
-    shared_mounted: bool,
+    /// The shares bind-mounted on themselves (Detached): unmount them on stop.
+    mounted: Vec<PathBuf>,
+    /// The guest's view: a volume share, a writable-layer disk, the root's path.
+    layout: GuestView,
     _lock: Flock<File>,
+}
+
+/// What the guest gets, for the caller's CreateContainer.
+#[derive(Clone, Debug, Default)]
+struct GuestView {
+    volumes: bool,
+    disk: Option<PathBuf>,
+    root: String,
 }
 
 /// Removes state dirs of runs that died without cleaning up.
@@ -177,11 +230,58 @@ pub fn remove_dead(dir: &Path) -> Result<(), SandboxError> {
             source: std::io::Error::from(std::io::ErrorKind::TimedOut),
         });
     }
-    // Where the owner mounted shared/ in the host's namespace by mistake, do not
-    // descend into a mount: detach it first.
-    let shared = dir.join("shared");
-    let _ = umount2(&shared, MntFlags::MNT_DETACH);
-    std::fs::remove_dir_all(dir).map_err(io_err(format!("cannot remove {}", dir.display())))
+    crate::cgroup::remove_recorded(dir, Duration::from_secs(2));
+    remove_recorded_disk(dir);
+    remove_state_dir(dir)
+}
+
+/// Removes a state dir without entering any mount left below it (the shares live in
+/// their owners' mount namespaces, but an owner killed halfway may leave one).
+fn remove_state_dir(dir: &Path) -> Result<(), SandboxError> {
+    for share in ["shared", "volumes", "root"] {
+        let _ = umount2(&dir.join(share), MntFlags::MNT_DETACH);
+    }
+    let parent = dir.parent().unwrap_or(Path::new("/"));
+    let name = dir.file_name().map(PathBuf::from).unwrap_or_default();
+    let left = crate::safefs::Beneath::open(parent)
+        .and_then(|b| b.remove(&name))
+        .map_err(|e| SandboxError::Io { what: crate::error_chain(&e), source: std::io::Error::other("remove") })?;
+    if left > 0 {
+        return Err(SandboxError::Io {
+            what: format!("{}: {left} mount point(s) left in place", dir.display()),
+            source: std::io::Error::from(std::io::ErrorKind::ResourceBusy),
+        });
+    }
+    Ok(())
+}
+
+/// Deletes the writable-layer disk recorded in a state dir.
+fn remove_recorded_disk(dir: &Path) {
+    if let Ok(p) = std::fs::read_to_string(dir.join(DISK_FILE)) {
+        let p = PathBuf::from(p.trim_end());
+        if let Err(e) = std::fs::remove_file(&p) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                log::warn!("cannot remove the writable-layer disk {}: {e}", p.display());
+            }
+        }
+        let _ = std::fs::remove_file(dir.join(DISK_FILE));
+    }
+}
+
+/// Deletes writable-layer disks whose sandbox is gone (its state dir vanished, e.g.
+/// with the tmpfs it was on at a reboot). A disk of a live sandbox is never touched:
+/// its state dir exists while it runs.
+pub fn remove_stale_disks(cfg: &MoatConfig) {
+    let Ok(entries) = std::fs::read_dir(&cfg.disk_dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".img")) else { continue };
+        if moat_protocol::validate_id("sandbox name", id).is_err() || cfg.state_dir.join(id).exists() {
+            continue;
+        }
+        log::info!("removing the writable-layer disk of a sandbox that is gone: {}", e.path().display());
+        let _ = std::fs::remove_file(e.path());
+    }
 }
 
 /// Takes the lock of a sandbox's state dir if its owner is gone; None if it lives
@@ -215,22 +315,29 @@ impl Sandbox {
                 return Err(io_err("cannot create the sandbox lock")(e));
             }
         };
+        let jail = dir.join("jail");
         let mut sb = Sandbox {
             id: spec.id.clone(),
-            vsock: dir.join("vsock.sock"),
-            console: dir.join("console.log"),
+            vsock: jail.join("vsock.sock"),
+            console: jail.join("console.log"),
             dir,
             vmm: None,
-            fs: None,
+            fs: Vec::new(),
             agent: None,
             vmm_status: None,
             lifetime: spec.lifetime,
-            shared_mounted: false,
+            mounted: Vec::new(),
+            layout: GuestView::default(),
             _lock: lock,
         };
         // On error, Drop tears down whatever was started.
-        sb.start_fs(cfg, spec)?;
-        sb.start_vmm(cfg, spec)?;
+        sb.make_jail_dir(cfg)?;
+        let cgroup = match &spec.cgroup {
+            Some(rel) => Some(crate::cgroup::PodCgroup::create(rel, &sb.dir)?.dir),
+            None => None,
+        };
+        sb.start_fs(cfg, spec, cgroup.as_deref())?;
+        sb.start_vmm(cfg, spec, cgroup.as_deref())?;
         sb.connect_agent(Duration::from_secs(u64::from(cfg.boot_timeout_secs)), cancel)?;
         Ok(sb)
     }
@@ -245,7 +352,18 @@ impl Sandbox {
         self.dir.join("shared")
     }
 
-    /// The pid of the VMM process (while it runs).
+    /// The volume share on the host.
+    pub fn volumes(&self) -> PathBuf {
+        self.dir.join("volumes")
+    }
+
+    /// What moat-vmm may touch: its sockets and console.
+    fn jail_dir(&self) -> PathBuf {
+        self.dir.join("jail")
+    }
+
+    /// The pid of the VMM process (while it runs): the jail helper's when jailed,
+    /// which lives in the VM's network namespace and mirrors its exit.
     pub fn vmm_pid(&self) -> Option<u32> {
         self.vmm.as_ref().map(Child::id)
     }
@@ -258,102 +376,211 @@ impl Sandbox {
         }
     }
 
-    /// Makes `shared/` a mount of its own with shared propagation, so that mounts made
+    /// The storages the guest mounts before it builds a container: the shares, and
+    /// for a writable image root the disk and the overlay over the image.
+    pub fn storages(&self) -> Vec<Storage> {
+        let mut out = vec![Storage { source: FS_TAG.into(), fstype: "virtiofs".into(), target: GUEST_SHARED.into(), ..Default::default() }];
+        if self.layout.volumes {
+            out.push(Storage { source: VOL_TAG.into(), fstype: "virtiofs".into(), target: GUEST_VOLUMES.into(), ..Default::default() });
+        }
+        if self.layout.disk.is_some() {
+            out.push(Storage {
+                source: GUEST_DISK.into(),
+                fstype: "ext4".into(),
+                target: GUEST_SCRATCH.into(),
+                // The host made the file system with lazy inode tables; do not let the
+                // guest zero them in the background (it would fill the sparse image).
+                options: vec!["nosuid".into(), "nodev".into(), "noinit_itable".into()],
+                ..Default::default()
+            });
+            out.push(Storage {
+                source: "overlay".into(),
+                fstype: "overlay".into(),
+                target: GUEST_OVERLAY_ROOT.into(),
+                options: vec![
+                    format!("lowerdir={GUEST_SHARED}/rootfs"),
+                    format!("upperdir={GUEST_SCRATCH}/upper"),
+                    format!("workdir={GUEST_SCRATCH}/work"),
+                ],
+                ..Default::default()
+            });
+        }
+        out
+    }
+
+    /// The container root's path in the guest (for a sandbox started with a root).
+    pub fn guest_root(&self) -> &str {
+        &self.layout.root
+    }
+
+    /// `jail/`: owned by the jail's uid when jailed (the VMM creates its vsock socket
+    /// and console there), root's otherwise.
+    fn make_jail_dir(&self, cfg: &MoatConfig) -> Result<(), SandboxError> {
+        let jail = self.jail_dir();
+        std::fs::DirBuilder::new().mode(0o700).create(&jail).map_err(io_err(format!("cannot create {}", jail.display())))?;
+        if cfg.jail {
+            nix::unistd::chown(&jail, Some(nix::unistd::Uid::from_raw(cfg.jail_uid)), Some(nix::unistd::Gid::from_raw(cfg.jail_gid)))
+                .map_err(|e| SandboxError::Io { what: format!("cannot give {} to the jail's uid", jail.display()), source: e.into() })?;
+        }
+        std::fs::create_dir(self.dir.join("root")).map_err(io_err("cannot create the jail's root mount point"))
+    }
+
+    /// Makes `dir` a mount of its own with shared propagation, so that mounts made
     /// under it later (in the caller's private namespace) propagate into the fs
     /// backend's namespace, whose `/` is a slave of the caller's, and on into
     /// virtiofsd's sandbox (also a slave). Nothing propagates back.
-    fn share_shared(&mut self) -> Result<(), SandboxError> {
-        let shared = self.shared();
+    fn share_dir(&mut self, dir: &Path) -> Result<(), SandboxError> {
         let sys = |what: String| move |e: nix::Error| SandboxError::Io { what, source: e.into() };
-        mount(Some(&shared), &shared, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(sys(format!("cannot bind {} on itself", shared.display())))?;
-        self.shared_mounted = true;
-        mount(None::<&str>, &shared, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
-            .map_err(sys(format!("cannot make {} a shared mount", shared.display())))
+        mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(sys(format!("cannot bind {} on itself", dir.display())))?;
+        self.mounted.push(dir.to_path_buf());
+        mount(None::<&str>, dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+            .map_err(sys(format!("cannot make {} a shared mount", dir.display())))
     }
 
-    fn start_fs(&mut self, cfg: &MoatConfig, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let shared = self.shared();
+    fn start_fs(&mut self, cfg: &MoatConfig, spec: &SandboxSpec, cgroup: Option<&Path>) -> Result<(), SandboxError> {
+        let (shared, volumes) = (self.shared(), self.volumes());
         let mkdir = |p: &Path| std::fs::create_dir_all(p).map_err(io_err(format!("cannot create {}", p.display())));
+        let mut root_mounts = Vec::new();
+        let mut vol_mounts = Vec::new();
         mkdir(&shared)?;
-        if self.lifetime == Lifetime::Detached {
-            self.share_shared()?;
-        }
-        let mut mounts = Vec::new();
-        let rootfs = shared.join("rootfs");
-        if spec.root.is_some() {
-            mkdir(&rootfs)?;
-        }
         match &spec.root {
             None => {}
-            Some(RootSource::Image { rootfs: lower, read_only: false }) => {
-                let (upper, work) = (self.dir.join("upper"), self.dir.join("work"));
-                mkdir(&upper)?;
-                mkdir(&work)?;
-                // The upper dir's root carries the rootfs's own mode (the image's `/`).
-                if let Ok(m) = lower.metadata() {
-                    let _ = std::fs::set_permissions(&upper, std::fs::Permissions::from_mode(m.permissions().mode()));
+            Some(RootSource::Image { rootfs: path, read_only }) => {
+                // The image itself is never written: a writable root is an overlay the
+                // guest stacks on its own disk.
+                mkdir(&shared.join("rootfs"))?;
+                root_mounts.push(HostMount::Bind { source: path.clone(), target: shared.join("rootfs"), read_only: true });
+                if !read_only {
+                    self.make_disk(cfg, spec.disk_mib)?;
                 }
-                mounts.push(HostMount::Overlay { lower: lower.clone(), upper, work, target: rootfs.clone() });
             }
-            Some(RootSource::Image { rootfs: path, read_only }) | Some(RootSource::Dir { path, read_only }) => {
-                mounts.push(HostMount::Bind { source: path.clone(), target: rootfs.clone(), read_only: *read_only });
+            Some(RootSource::Dir { path, read_only: true }) => {
+                mkdir(&shared.join("rootfs"))?;
+                root_mounts.push(HostMount::Bind { source: path.clone(), target: shared.join("rootfs"), read_only: true });
+            }
+            Some(RootSource::Dir { path, read_only: false }) => {
+                // A host directory used in place is written by the guest: it is served
+                // like a volume.
+                mkdir(&volumes.join("rootfs"))?;
+                vol_mounts.push(HostMount::Bind { source: path.clone(), target: volumes.join("rootfs"), read_only: false });
             }
         }
+        self.layout.root = spec.root.as_ref().map(guest_root_for).unwrap_or_default();
         for (i, v) in spec.volumes.iter().enumerate() {
-            let target = shared.join("vol").join(i.to_string());
+            let target = volumes.join(i.to_string());
             let meta = std::fs::metadata(&v.host).map_err(io_err(format!("volume {}", v.host.display())))?;
+            mkdir(&volumes)?;
             if meta.is_dir() {
                 mkdir(&target)?;
             } else {
-                mkdir(target.parent().unwrap_or(&shared))?;
                 File::create(&target).map_err(io_err(format!("cannot create {}", target.display())))?;
             }
-            mounts.push(HostMount::Bind { source: v.host.clone(), target, read_only: v.read_only });
+            vol_mounts.push(HostMount::Bind { source: v.host.clone(), target, read_only: v.read_only });
         }
-        let socket = self.dir.join("fs.sock");
-        let backend = FsBackend {
-            parent_pid: self.parent_pid() as i32,
-            virtiofsd: cfg.virtiofsd.clone(),
-            socket: socket.clone(),
-            shared,
-            mounts,
-        };
-        let json = serde_json::to_string(&backend).map_err(|e| SandboxError::FsBackend(e.to_string()))?;
-        let log_path = self.dir.join("virtiofsd.log");
-        let log = File::create(&log_path).map_err(io_err("cannot create the virtiofsd log"))?;
+        // The shim's pods get both shares from the start (virtio-mmio has no hotplug);
+        // `moat run` a volume share only if it has something to put there.
+        let detached = self.lifetime == Lifetime::Detached;
+        self.layout.volumes = detached || !vol_mounts.is_empty();
+        let jail = self.jail_dir();
+        let mut backends = vec![("virtiofsd", shared.clone(), jail.join("fs.sock"), root_mounts, false)];
+        if self.layout.volumes {
+            mkdir(&volumes)?;
+            backends.push(("virtiofsd-vol", volumes.clone(), jail.join("vol.sock"), vol_mounts, true));
+        }
+        for (name, dir, socket, mounts, hardened) in backends {
+            if detached {
+                self.share_dir(&dir)?;
+            }
+            let backend = FsBackend {
+                parent_pid: self.parent_pid() as i32,
+                virtiofsd: cfg.virtiofsd.clone(),
+                socket: socket.clone(),
+                shared: dir,
+                shared_is_mount: detached,
+                mounts,
+                hardened,
+                cgroup: cgroup.map(Path::to_path_buf),
+            };
+            self.start_backend(name, &backend)?;
+            if cfg.jail {
+                let (uid, gid) = (nix::unistd::Uid::from_raw(cfg.jail_uid), nix::unistd::Gid::from_raw(cfg.jail_gid));
+                nix::unistd::chown(&socket, Some(uid), Some(gid))
+                    .map_err(|e| SandboxError::Io { what: format!("cannot give {} to the jail's uid", socket.display()), source: e.into() })?;
+            }
+        }
+        log::debug!("sandbox {}: virtio-fs backends up", self.id);
+        Ok(())
+    }
+
+    /// Starts one virtiofsd (through the `fs` helper) and waits for its socket.
+    fn start_backend(&mut self, name: &str, backend: &FsBackend) -> Result<(), SandboxError> {
+        let json = serde_json::to_string(backend).map_err(|e| SandboxError::FsBackend(e.to_string()))?;
+        let log_path = self.dir.join(format!("{name}.log"));
+        let log = File::create(&log_path).map_err(io_err(format!("cannot create the {name} log")))?;
         let exe = std::env::current_exe().map_err(io_err("cannot find the running binary"))?;
         let child = Command::new(exe)
             .arg(HELPER_ARG)
             .arg("fs")
             .arg(json)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(io_err("cannot dup the virtiofsd log"))?)
+            .stdout(log.try_clone().map_err(io_err(format!("cannot dup the {name} log")))?)
             .stderr(log)
             .spawn()
             .map_err(io_err("cannot start the virtio-fs backend helper"))?;
         let pid = child.id();
-        self.fs = Some(child);
-        procs::record(&self.dir, "virtiofsd", pid).map_err(io_err("cannot record the virtio-fs backend's pid"))?;
+        self.fs.push(child);
+        procs::record(&self.dir, name, pid).map_err(io_err("cannot record the virtio-fs backend's pid"))?;
         let deadline = Instant::now() + FS_START_TIMEOUT;
-        while !socket.exists() {
-            if let Some(fs) = self.fs.as_mut() {
+        while !backend.socket.exists() {
+            if let Some(fs) = self.fs.last_mut() {
                 if let Ok(Some(status)) = fs.try_wait() {
-                    self.fs = None;
-                    return Err(SandboxError::FsBackend(format!("{status}: {}", tail(&log_path, 5))));
+                    self.fs.pop();
+                    return Err(SandboxError::FsBackend(format!("{name} {status}: {}", tail(&log_path, 5))));
                 }
             }
             if Instant::now() > deadline {
-                return Err(SandboxError::FsBackend(format!("no socket after {} s: {}", FS_START_TIMEOUT.as_secs(), tail(&log_path, 5))));
+                return Err(SandboxError::FsBackend(format!("{name}: no socket after {} s: {}", FS_START_TIMEOUT.as_secs(), tail(&log_path, 5))));
             }
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        log::debug!("sandbox {}: virtio-fs backend up", self.id);
         Ok(())
     }
 
-    fn start_vmm(&mut self, cfg: &MoatConfig, spec: &SandboxSpec) -> Result<(), SandboxError> {
-        let vm = VmConfig {
+    /// A sparse ext4 image of `mib` MiB in `disk_dir`, the guest's writable layer: its
+    /// size is the container's disk quota. The host only ever formats it; it never
+    /// mounts what the guest wrote.
+    fn make_disk(&mut self, cfg: &MoatConfig, mib: u32) -> Result<(), SandboxError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&cfg.disk_dir)
+            .map_err(io_err(format!("cannot create {}", cfg.disk_dir.display())))?;
+        let path = cfg.disk_dir.join(format!("{}.img", self.id));
+        let err = |message: String| SandboxError::Disk { path: path.clone(), message };
+        std::fs::write(self.dir.join(DISK_FILE), path.as_os_str().as_encoded_bytes()).map_err(io_err("cannot record the disk"))?;
+        let f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| err(e.to_string()))?;
+        f.set_len(u64::from(mib) << 20).map_err(|e| err(e.to_string()))?;
+        drop(f);
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard", "-L", "moat-scratch"])
+            .arg(&path)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| err(format!("cannot run mkfs.ext4 (e2fsprogs): {e}")))?;
+        if !out.status.success() {
+            return Err(err(format!("mkfs.ext4 {}: {}", out.status, String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        if cfg.jail {
+            nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(cfg.jail_uid)), Some(nix::unistd::Gid::from_raw(cfg.jail_gid)))
+                .map_err(|e| err(format!("cannot give it to the jail's uid: {e}")))?;
+        }
+        self.layout.disk = Some(path);
+        Ok(())
+    }
+
+    fn start_vmm(&mut self, cfg: &MoatConfig, spec: &SandboxSpec, cgroup: Option<&Path>) -> Result<(), SandboxError> {
+        let jail = self.jail_dir();
+        let mut vm = VmConfig {
             kernel: cfg.kernel.clone(),
             initrd: Some(cfg.initrd.clone()),
             vcpus: spec.vcpus,
@@ -362,28 +589,54 @@ impl Sandbox {
             vsock: Some(VsockConfig { cid: 3, uds_path: self.vsock.clone() }),
             ..VmConfig::default()
         };
-        let mut doc = serde_json::to_value(&vm).map_err(|e| SandboxError::FsBackend(e.to_string()))?;
-        doc["fs"] = serde_json::json!([{"tag": FS_TAG, "socket": self.dir.join("fs.sock")}]);
+        vm.fs.push(FsConfig { tag: FS_TAG.into(), socket: jail.join("fs.sock") });
+        if self.layout.volumes {
+            vm.fs.push(FsConfig { tag: VOL_TAG.into(), socket: jail.join("vol.sock") });
+        }
+        if let Some(d) = &self.layout.disk {
+            vm.disks.push(DiskConfig { path: d.clone(), read_only: false });
+        }
         let vm_json = self.dir.join("vm.json");
-        std::fs::write(&vm_json, doc.to_string()).map_err(io_err("cannot write the VM config"))?;
+        let doc = serde_json::to_string(&vm).map_err(|e| SandboxError::FsBackend(e.to_string()))?;
+        std::fs::write(&vm_json, doc).map_err(io_err("cannot write the VM config"))?;
+        let _ = std::fs::set_permissions(&vm_json, std::fs::Permissions::from_mode(0o644));
         let log = File::create(self.dir.join("vmm.log")).map_err(io_err("cannot create the VMM log"))?;
         let exe = std::env::current_exe().map_err(io_err("cannot find the running binary"))?;
-        let child = Command::new(exe)
-            .arg(HELPER_ARG)
-            .arg("exec")
-            .arg(self.parent_pid().to_string())
-            .arg(&cfg.vmm)
-            .arg("--config")
-            .arg(&vm_json)
+        let mut cmd = Command::new(exe);
+        cmd.arg(HELPER_ARG);
+        if cfg.jail {
+            let mut files = vec![JailFile { path: cfg.kernel.clone(), writable: false }, JailFile { path: vm_json.clone(), writable: false }];
+            files.push(JailFile { path: cfg.initrd.clone(), writable: false });
+            files.extend(self.layout.disk.iter().map(|d| JailFile { path: d.clone(), writable: true }));
+            let j = VmmJail {
+                parent_pid: self.parent_pid() as i32,
+                vmm: cfg.vmm.clone(),
+                args: vec!["--config".into(), vm_json.clone().into(), "--die-with-parent".into()],
+                state_dir: self.dir.clone(),
+                root: self.dir.join("root"),
+                run_dir: jail,
+                files,
+                uid: cfg.jail_uid,
+                gid: cfg.jail_gid,
+                cgroup: cgroup.map(Path::to_path_buf),
+            };
+            cmd.arg("vmm").arg(serde_json::to_string(&j).map_err(|e| SandboxError::FsBackend(e.to_string()))?);
+        } else {
+            if let Some(cg) = cgroup {
+                log::debug!("sandbox {}: jail off; moat-vmm stays in the caller's cgroup, not {}", self.id, cg.display());
+            }
+            cmd.arg("exec").arg(self.parent_pid().to_string()).arg(&cfg.vmm).arg("--config").arg(&vm_json);
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(io_err("cannot dup the VMM log"))?)
             .stderr(log)
             .spawn()
             .map_err(io_err(format!("cannot start {}", cfg.vmm.display())))?;
         let pid = child.id();
-        log::debug!("sandbox {}: moat-vmm pid {pid}", self.id);
+        log::debug!("sandbox {}: moat-vmm{} pid {pid}", self.id, if cfg.jail { " jail" } else { "" });
         self.vmm = Some(child);
-        procs::record(&self.dir, "moat-vmm", pid).map_err(io_err("cannot record the VMM's pid"))?;
+        procs::record(&self.dir, if cfg.jail { "moat-vmm-jail" } else { "moat-vmm" }, pid).map_err(io_err("cannot record the VMM's pid"))?;
         Ok(())
     }
 
@@ -496,19 +749,23 @@ impl Sandbox {
         if let Some(mut vmm) = self.vmm.take() {
             stop_child(&mut vmm, "moat-vmm", &self.id, SHUTDOWN_GRACE);
         }
-        if let Some(mut fs) = self.fs.take() {
+        for mut fs in std::mem::take(&mut self.fs) {
             // virtiofsd exits when its VMM disconnects.
             stop_child(&mut fs, "virtiofsd", &self.id, Duration::from_secs(2));
         }
-        if std::mem::take(&mut self.shared_mounted) {
+        for dir in std::mem::take(&mut self.mounted) {
             // Detaches whatever the caller left mounted below it, too.
-            if let Err(e) = umount2(&self.shared(), MntFlags::MNT_DETACH) {
-                log::warn!("sandbox {}: cannot unmount {}: {e}", self.id, self.shared().display());
+            if let Err(e) = umount2(&dir, MntFlags::MNT_DETACH) {
+                log::warn!("sandbox {}: cannot unmount {}: {e}", self.id, dir.display());
             }
         }
         if self.dir.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-                log::warn!("sandbox {}: cannot remove {}: {e}", self.id, self.dir.display());
+            for cg in crate::cgroup::remove_recorded(&self.dir, Duration::from_secs(2)) {
+                log::warn!("sandbox {}: cgroup {} is left behind", self.id, cg.display());
+            }
+            remove_recorded_disk(&self.dir);
+            if let Err(e) = remove_state_dir(&self.dir) {
+                log::warn!("sandbox {}: {}", self.id, crate::error_chain(&e));
             }
         }
     }
@@ -604,6 +861,8 @@ mod tests {
             root: Some(RootSource::Dir { path: d.path().into(), read_only: true }),
             volumes: vec![],
             lifetime: Lifetime::TiedToCaller,
+            disk_mib: 64,
+            cgroup: None,
         };
         let cancel = Arc::new(AtomicBool::new(false));
         let e = Sandbox::start(&cfg, &spec("../x"), &cancel).err().expect("bad id");

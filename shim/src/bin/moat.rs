@@ -96,6 +96,9 @@ struct RunArgs {
     /// Most processes the container may have at once
     #[arg(long = "pids-limit", value_name = "N")]
     pids_limit: Option<i64>,
+    /// Size of the container's writable layer in MiB, its disk quota [default: from the config, 10240]
+    #[arg(long = "disk-size", value_name = "MIB")]
+    disk_size: Option<u32>,
     /// Name of the sandbox (its state is /run/moat/NAME) [default: random]
     #[arg(long, value_name = "ID")]
     name: Option<String>,
@@ -210,6 +213,7 @@ fn options(a: RunArgs) -> Result<RunOptions, run::RunError> {
         read_only: a.read_only,
         volumes: a.volume,
         pids_limit: a.pids_limit,
+        disk_mib: a.disk_size,
         name: a.name,
     })
 }
