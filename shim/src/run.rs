@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use moat_config::{HostConfigError, MoatConfig};
+use moat_config::{AboveLimit, HostConfigError, MoatConfig};
 use moat_protocol::{CreateContainerRequest, Stdio as ProtoStdio, Storage, StreamKind};
 use nix::sys::signal::Signal;
 
@@ -60,6 +60,8 @@ pub enum RunError {
     Usage(String),
     #[error(transparent)]
     Config(#[from] HostConfigError),
+    #[error(transparent)]
+    AboveLimit(#[from] AboveLimit),
     #[error("image {image}")]
     Image {
         image: String,
@@ -123,6 +125,18 @@ pub fn parse_volume(v: &str) -> Result<(PathBuf, String, bool), RunError> {
     Ok((host, ctr.to_string(), ro))
 }
 
+/// The VM's vCPUs and MiB: the flags within the host's limits, else the config's
+/// defaults (which the config load checked against the same limits).
+pub fn vm_size(cfg: &MoatConfig, opts: &RunOptions) -> Result<(u8, u32), RunError> {
+    if let Some(n) = opts.vcpus {
+        cfg.max_vcpus.check("--vcpus", u64::from(n))?;
+    }
+    if let Some(n) = opts.memory_mib {
+        cfg.max_memory_mib.check("--memory", u64::from(n))?;
+    }
+    Ok((opts.vcpus.unwrap_or(cfg.vcpus), opts.memory_mib.unwrap_or(cfg.memory_mib)))
+}
+
 /// A fresh random sandbox id (12 hex digits).
 fn random_id() -> Result<String, RunError> {
     use std::io::Read;
@@ -140,6 +154,7 @@ enum Event {
 
 /// Runs the container; returns the command's exit status.
 pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
+    let (vcpus, memory_mib) = vm_size(cfg, opts)?;
     let (tx, rx) = mpsc::channel::<Event>();
     // Set by a signal that arrives before the command started: the run is abandoned.
     let cancel = Arc::new(AtomicBool::new(false));
@@ -186,8 +201,8 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
     };
     let sandbox_spec = SandboxSpec {
         id: id.clone(),
-        vcpus: opts.vcpus.unwrap_or(cfg.vcpus),
-        memory_mib: opts.memory_mib.unwrap_or(cfg.memory_mib),
+        vcpus,
+        memory_mib,
         root: Some(root),
         volumes: volumes.iter().map(|(h, _, ro)| Volume { host: h.clone(), read_only: *ro }).collect(),
         lifetime: Lifetime::TiedToCaller,
@@ -418,6 +433,23 @@ mod tests {
         assert_eq!(RunError::Usage("x".into()).exit_code(), 125);
         assert_eq!(RunError::VmDied("x".into()).exit_code(), 125);
         assert_eq!(RunError::Interrupted(Signal::SIGINT).exit_code(), 130);
+    }
+
+    #[test]
+    fn flags_above_the_hosts_limits_are_moat_errors() {
+        let host = moat_config::HostResources { cpus: 2, memory_mib: 4096 };
+        let defaults = MoatConfig::defaults_on(std::path::Path::new("/opt/moat/bin"), host);
+        let cfg = MoatConfig::from_toml_on(std::path::Path::new("/etc/moat/config.toml"), "max_memory_mib = 512", defaults, host)
+            .expect("config");
+        let opts = |vcpus, memory_mib| RunOptions { vcpus, memory_mib, ..RunOptions::default() };
+        assert_eq!(vm_size(&cfg, &opts(None, None)).expect("defaults"), (1, 256));
+        assert_eq!(vm_size(&cfg, &opts(Some(2), Some(512))).expect("at the limits"), (2, 512));
+        let e = vm_size(&cfg, &opts(Some(3), None)).expect_err("above the host's CPUs");
+        assert_eq!(e.exit_code(), EXIT_MOAT_ERROR);
+        assert!(e.to_string().starts_with("--vcpus=3 is above the host's limit max_vcpus=2 (this host's online CPUs"), "{e}");
+        let e = vm_size(&cfg, &opts(None, Some(1024))).expect_err("above max_memory_mib");
+        assert_eq!(e.exit_code(), EXIT_MOAT_ERROR);
+        assert_eq!(e.to_string(), "--memory=1024 is above the host's limit max_memory_mib=512 (set in /etc/moat/config.toml)");
     }
 
     #[test]
