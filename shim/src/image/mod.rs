@@ -175,8 +175,11 @@ pub fn prepare(image: &Path, cache_dir: &Path) -> Result<Image, ImageError> {
             return Ok(Image { rootfs: image.to_path_buf(), config: ImageConfig::default(), digest: None });
         }
         Source::Dir(image.to_path_buf())
-    } else {
+    } else if meta.is_file() {
         Source::tar(image)?
+    } else {
+        // A FIFO or a device would block or never end.
+        return Err(ImageError::Invalid(format!("{} is neither a regular file nor a directory", image.display())));
     };
     let plan = plan(&source, image)?;
     let rootfs = cache::unpack_cached(cache_dir, &plan.config_digest, |dst| apply_all(&source, &plan.layers, dst))?;
