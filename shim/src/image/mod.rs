@@ -366,12 +366,22 @@ impl<R: Read> Read for Capped<'_, R> {
     }
 }
 
-fn apply_all(source: &Source, layers: &[Layer], root: &Path) -> Result<(), ImageError> {
-    apply_all_capped(source, layers, root, MAX_IMAGE_BYTES)
+/// What an image may unpack to, over all its layers.
+#[derive(Clone, Copy, Debug)]
+struct Caps {
+    bytes: u64,
+    entries: usize,
 }
 
-fn apply_all_capped(source: &Source, layers: &[Layer], root: &Path, cap: u64) -> Result<(), ImageError> {
-    let mut left = cap;
+const CAPS: Caps = Caps { bytes: MAX_IMAGE_BYTES, entries: unpack::MAX_IMAGE_ENTRIES };
+
+fn apply_all(source: &Source, layers: &[Layer], root: &Path) -> Result<(), ImageError> {
+    apply_all_capped(source, layers, root, CAPS)
+}
+
+fn apply_all_capped(source: &Source, layers: &[Layer], root: &Path, caps: Caps) -> Result<(), ImageError> {
+    let mut left = caps.bytes;
+    let mut entries = unpack::EntryBudget::new(caps.entries);
     for layer in layers {
         let label = layer.blob_digest.as_ref().map(|(d, _)| d.clone()).unwrap_or_else(|| layer.name.clone());
         let compression = match layer.compression {
@@ -387,7 +397,7 @@ fn apply_all_capped(source: &Source, layers: &[Layer], root: &Path, cap: u64) ->
                 Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
             };
             let mut diff = Hashing::new(Capped { inner: decoded, left: &mut left });
-            unpack::apply_layer(root, &mut diff).map_err(|source| ImageError::Layer { layer: label.clone(), source })?;
+            unpack::apply_layer(root, &mut diff, &mut entries).map_err(|source| ImageError::Layer { layer: label.clone(), source })?;
             // The tar's end marker may come before the end of the stream: hash it all.
             std::io::copy(&mut diff, &mut std::io::sink()).map_err(io_err)?;
             diff.finish().0

@@ -231,7 +231,7 @@ fn an_image_bigger_than_the_cap_is_refused_naming_it() {
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).expect("root");
     // The two small test layers unpack to a few KiB of tar: a 1 KiB cap is exceeded.
-    let e = apply_all_capped(&source, &plan.layers, &root, 1024).expect_err("over the cap");
+    let e = apply_all_capped(&source, &plan.layers, &root, Caps { bytes: 1024, ..CAPS }).expect_err("over the cap");
     let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
     let mut inner: &dyn std::error::Error = &e;
     while let Some(s) = inner.source() {
@@ -304,4 +304,24 @@ fn blobs_that_are_not_regular_files_are_refused_naming_them() {
     let cache = tmp.path().join("cache-fifo-image");
     let e = without_hanging("a FIFO as the image", move || prepare(&fifo, &cache).map(|_| ()).map_err(|e| e.to_string()));
     assert!(e.expect_err("FIFO image").contains("neither a regular file nor a directory"));
+}
+
+#[test]
+fn the_entries_of_all_layers_together_are_capped() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tarball = tmp.path().join("img.tar");
+    write_tar(&tarball, &docker_save_files());
+    let source = Source::tar(&tarball).expect("source");
+    let plan = plan(&source, &tarball).expect("plan");
+    // Layer 1 has 4 entries and layer 2 has 2: each is far below the per-layer cap,
+    // together they are one above a total cap of 5.
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).expect("root");
+    let e = apply_all_capped(&source, &plan.layers, &root, Caps { entries: 5, ..CAPS }).expect_err("6 entries over a cap of 5");
+    let chain = crate::error_chain(&e);
+    assert!(chain.contains("the image has more than 5 entries in all its layers"), "{chain}");
+    let root = tmp.path().join("root2");
+    std::fs::create_dir(&root).expect("root2");
+    apply_all_capped(&source, &plan.layers, &root, Caps { entries: 6, ..CAPS }).expect("6 entries within a cap of 6");
+    assert_eq!(CAPS.entries, 4 << 20);
 }
