@@ -174,7 +174,11 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
     };
     moat_protocol::validate_id("--name", &id).map_err(|e| RunError::Usage(e.to_string()))?;
     let volumes = opts.volumes.iter().map(|v| parse_volume(v)).collect::<Result<Vec<_>, _>>()?;
+    // `img` holds the image's lease until the run ends, so no prune removes it.
     let img = image::prepare(&opts.image, &cfg.image_dir).map_err(|source| RunError::Image { image: opts.image.display().to_string(), source })?;
+    if img.unpacked {
+        image::enforce_cache_cap(&cfg.image_dir, cfg.image_cache_mib);
+    }
     let guest_root = format!("{GUEST_SHARED}/rootfs");
     let spec_opts = SpecOptions {
         args: opts.args.clone(),
@@ -219,6 +223,7 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
         }
     }
     sandbox.stop();
+    drop(img);
     result
 }
 

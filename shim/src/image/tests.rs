@@ -1,5 +1,6 @@
 use super::unpack::tests::{tar_of, E};
 use super::*;
+use std::fs::File;
 use std::io::Write;
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -324,4 +325,29 @@ fn the_entries_of_all_layers_together_are_capped() {
     std::fs::create_dir(&root).expect("root2");
     apply_all_capped(&source, &plan.layers, &root, Caps { entries: 6, ..CAPS }).expect("6 entries within a cap of 6");
     assert_eq!(CAPS.entries, 4 << 20);
+}
+
+#[test]
+fn a_prepared_image_stays_in_the_cache_until_its_run_ends() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tarball = tmp.path().join("img.tar");
+    write_tar(&tarball, &docker_save_files());
+    let cache_dir = tmp.path().join("cache");
+    let img = prepare(&tarball, &cache_dir).expect("prepare");
+    assert!(img.unpacked && img.lease.is_some());
+    let again = prepare(&tarball, &cache_dir).expect("prepare again");
+    assert!(!again.unpacked, "the second run uses the cached unpack");
+    drop(again);
+    let listed = cache::list(&cache_dir).expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].in_use && listed[0].bytes > 0, "{listed:?}");
+    assert_eq!(listed[0].source.as_deref(), Some(std::fs::canonicalize(&tarball).expect("canon").to_str().expect("utf-8")));
+    let r = cache::prune(&cache_dir, cache::Prune::All).expect("prune");
+    assert!(r.removed.is_empty() && img.rootfs.join("bin/sh").is_file(), "an image in use was pruned");
+    drop(img);
+    let r = cache::prune(&cache_dir, cache::Prune::All).expect("prune");
+    assert_eq!(r.removed.len(), 1);
+    assert!(cache::list(&cache_dir).expect("list").is_empty());
+    // Plain directories are not cached, so nothing holds them.
+    assert!(prepare(tmp.path(), &cache_dir).expect("plain dir").lease.is_none());
 }
