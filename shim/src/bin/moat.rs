@@ -92,10 +92,10 @@ struct ContainerdConfigArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// vCPUs of the microVM [default: from the config, 1]
+    /// vCPUs of the microVM, at most the config's max_vcpus [default: from the config, 1]
     #[arg(long, value_name = "N")]
     vcpus: Option<u64>,
-    /// Guest memory in MiB [default: from the config, 256]
+    /// Guest memory in MiB, at most the config's max_memory_mib [default: from the config, 256]
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
     /// Give the command a terminal (a pty in the guest)
