@@ -193,6 +193,14 @@ tiny_memory_error() { # ctr...: an impossible VM size is refused by name
 	[ "$rc" != 0 ] && [[ "$o" == *io.moat.memory_mib* ]]
 }
 
+above_limit_error() { # ctr...: a VM above the host config's max_memory_mib is refused naming the limit
+	local o rc=0
+	o=$("$@" run --rm --annotation io.moat.memory_mib=1024 --runtime io.containerd.moat.v2 "$image" al true 2>&1) || rc=$?
+	echo "$o"
+	"$@" container rm al >/dev/null 2>&1
+	[ "$rc" != 0 ] && [[ "$o" == *"io.moat.memory_mib=1024 is above the host's limit max_memory_mib=512 (set in $moat_config)"* ]]
+}
+
 term_with_trap() { # ctr...: SIGTERM reaches the workload, its handler's exit status comes back
 	local pid rc=0 i
 	"$@" run --rm --runtime io.containerd.moat.v2 "$image" tt sh -c \
@@ -282,6 +290,7 @@ group_basic() {
 	"${ctr[@]}" container rm ba >/dev/null 2>&1
 	check "$name: io.moat.memory_mib=8 is refused by name" tiny_memory_error "${ctr[@]}"
 	check "$name: io.moat.memory_mib=192 sizes the VM" mem_annotation "${ctr[@]}"
+	check "$name: io.moat.memory_mib=1024 above max_memory_mib=512 is refused naming the limit" above_limit_error "${ctr[@]}"
 	check "$name: a missing binary is a clear error" not_found_error "${ctr[@]}"
 	sleep 1
 	check "$name: nothing left" leftovers
@@ -360,6 +369,10 @@ if [ "$group" = parallel ]; then
 	# The shims read it from containerd's environment.
 	moat_config=$work/moat.toml
 	printf 'boot_timeout_secs = 1200\nmemory_mib = 128\n' >"$moat_config"
+elif [ "$group" = basic ]; then
+	# An operator's limit, for the above-the-limit check (the VMs here take 256 MiB).
+	moat_config=$work/moat.toml
+	printf 'max_memory_mib = 512\n' >"$moat_config"
 fi
 # Every ctr call is bounded: a hang becomes a failure with diagnostics.
 ctr=(timeout -k 10 300 "$ctrbin" --address "$d/containerd.sock" --namespace smoke)

@@ -31,6 +31,8 @@ pub const DEFAULT_HOST_MEMORY_MIB: u32 = 256;
 /// How long a microVM may take from the VMM's start to its agent answering.
 pub const DEFAULT_BOOT_TIMEOUT_SECS: u32 = 120;
 const MAX_BOOT_TIMEOUT_SECS: u64 = 3600;
+/// Most MiB the image cache holds by default: room for a handful of large images.
+pub const DEFAULT_IMAGE_CACHE_MIB: u64 = 20 * 1024;
 
 /// The host-wide settings of moat's runtime (`moat`, containerd-shim-moat-v2).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,6 +69,105 @@ pub struct MoatConfig {
     pub jail_gid: u32,
     /// The cgroup (below the cgroup v2 root) under which `moat run` makes one per run.
     pub cgroup_parent: PathBuf,
+    /// The most vCPUs one microVM may have (`max_vcpus`).
+    pub max_vcpus: Limit,
+    /// The most guest RAM in MiB one microVM may have (`max_memory_mib`).
+    pub max_memory_mib: Limit,
+    /// Most MiB the image cache may hold before `moat run` evicts unused images; 0 is
+    /// no limit.
+    pub image_cache_mib: u64,
+}
+
+/// What an operator allows one microVM to ask for, and where that figure comes from,
+/// so that a refusal can say which setting to change.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limit {
+    /// The config key that sets it (`max_vcpus`, `max_memory_mib`).
+    pub key: &'static str,
+    pub value: u32,
+    pub origin: LimitOrigin,
+}
+
+/// Where a [`Limit`]'s value comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LimitOrigin {
+    /// The key is 0 or absent: the host's own figure (`what` names it).
+    Host { what: &'static str },
+    /// Set in this config file.
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Limit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.origin {
+            LimitOrigin::Host { what } => {
+                write!(f, "{}={} ({what}: {} is 0 or unset in the moat config)", self.key, self.value, self.key)
+            }
+            LimitOrigin::File(path) => write!(f, "{}={} (set in {})", self.key, self.value, path.display()),
+        }
+    }
+}
+
+/// A request above an operator's [`Limit`].
+#[derive(Debug, thiserror::Error)]
+#[error("{what}={got} is above the host's limit {limit}")]
+pub struct AboveLimit {
+    /// What asked: an annotation or a flag.
+    pub what: String,
+    pub got: u64,
+    pub limit: Limit,
+}
+
+impl Limit {
+    /// Checks a request (`what` names where it comes from, e.g. `io.moat.vcpus` or
+    /// `--vcpus`) against the limit.
+    pub fn check(&self, what: &str, got: u64) -> Result<(), AboveLimit> {
+        if got > u64::from(self.value) {
+            return Err(AboveLimit { what: what.to_string(), got, limit: self.clone() });
+        }
+        Ok(())
+    }
+}
+
+/// The host's own figures, the limits that `max_vcpus = 0` and `max_memory_mib = 0`
+/// stand for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostResources {
+    /// Online CPUs.
+    pub cpus: u32,
+    /// MemTotal, in MiB.
+    pub memory_mib: u32,
+}
+
+impl HostResources {
+    /// This host's online CPU count and MemTotal, each capped at what one VM can have
+    /// at all ([`crate::MAX_VCPUS`], [`crate::MAX_MEMORY_MIB`]). A figure the kernel
+    /// does not give falls back to that cap.
+    pub fn detect() -> HostResources {
+        let cpus = nix::unistd::sysconf(nix::unistd::SysconfVar::_NPROCESSORS_ONLN)
+            .ok()
+            .flatten()
+            .and_then(|n| u32::try_from(n).ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(u32::from(crate::MAX_VCPUS));
+        let memory_mib = nix::sys::sysinfo::sysinfo()
+            .ok()
+            .and_then(|i| u32::try_from(i.ram_total() >> 20).ok())
+            .filter(|n| *n > 0)
+            .unwrap_or(crate::MAX_MEMORY_MIB);
+        HostResources {
+            cpus: cpus.min(u32::from(crate::MAX_VCPUS)),
+            memory_mib: memory_mib.min(crate::MAX_MEMORY_MIB),
+        }
+    }
+
+    fn vcpu_limit(&self) -> Limit {
+        Limit { key: "max_vcpus", value: self.cpus, origin: LimitOrigin::Host { what: "this host's online CPUs" } }
+    }
+
+    fn memory_limit(&self) -> Limit {
+        Limit { key: "max_memory_mib", value: self.memory_mib, origin: LimitOrigin::Host { what: "this host's MemTotal" } }
+    }
 }
 
 /// The file's shape: every key optional, unknown keys refused.
@@ -89,6 +190,9 @@ struct ConfigFile {
     jail_uid: Option<u32>,
     jail_gid: Option<u32>,
     cgroup_parent: Option<PathBuf>,
+    max_vcpus: Option<u64>,
+    max_memory_mib: Option<u64>,
+    image_cache_mib: Option<u64>,
 }
 
 /// Why the host config could not be loaded.
@@ -112,6 +216,11 @@ impl MoatConfig {
     /// `<prefix>/share/moat/`, or, in a build tree (`build/bin` beside `build/guest`
     /// holding the image while `share/moat` does not), `build/guest/`.
     pub fn defaults(prefix_bin: &Path) -> MoatConfig {
+        MoatConfig::defaults_on(prefix_bin, HostResources::detect())
+    }
+
+    /// [`MoatConfig::defaults`] for a host with `host`'s CPUs and memory.
+    pub fn defaults_on(prefix_bin: &Path, host: HostResources) -> MoatConfig {
         let mut share = normalize(&prefix_bin.join("..").join("share").join("moat"));
         let build_tree = normalize(&prefix_bin.join("..").join("guest"));
         if !share.join("vmlinux").exists() && build_tree.join("vmlinux").exists() {
@@ -139,6 +248,9 @@ impl MoatConfig {
             jail_uid: DEFAULT_JAIL_ID,
             jail_gid: DEFAULT_JAIL_ID,
             cgroup_parent: DEFAULT_CGROUP_PARENT.into(),
+            max_vcpus: host.vcpu_limit(),
+            max_memory_mib: host.memory_limit(),
+            image_cache_mib: DEFAULT_IMAGE_CACHE_MIB,
         }
     }
 
@@ -173,8 +285,15 @@ impl MoatConfig {
         MoatConfig::from_toml(path, &text, defaults)
     }
 
-    /// Parses TOML text (`path` only names it in errors) over `defaults`.
+    /// Parses TOML text (`path` names it in errors and in the limits it sets) over
+    /// `defaults`.
     pub fn from_toml(path: &Path, text: &str, defaults: MoatConfig) -> Result<MoatConfig, HostConfigError> {
+        MoatConfig::from_toml_on(path, text, defaults, HostResources::detect())
+    }
+
+    /// [`MoatConfig::from_toml`] on a host with `host`'s CPUs and memory (what a
+    /// maximum of 0 stands for).
+    pub fn from_toml_on(path: &Path, text: &str, defaults: MoatConfig, host: HostResources) -> Result<MoatConfig, HostConfigError> {
         let file: ConfigFile = toml::from_str(text).map_err(|e| HostConfigError::Parse {
             path: path.to_path_buf(),
             // toml's message names the unknown key and the line; keep it on one line.
@@ -213,6 +332,32 @@ impl MoatConfig {
                 "jail_uid and jail_gid must be unprivileged ids (not 0, not 4294967295), got {jail_uid}:{jail_gid}; set jail = false to run moat-vmm as root"
             )));
         }
+        let set = |key: &'static str, value: u32| Limit { key, value, origin: LimitOrigin::File(path.to_path_buf()) };
+        let max_vcpus = match file.max_vcpus {
+            Some(0) => host.vcpu_limit(),
+            Some(n) if n <= u64::from(crate::MAX_VCPUS) => set("max_vcpus", n as u32),
+            Some(n) => return Err(value_err(format!("max_vcpus must be between 0 (this host's CPUs) and {}, got {n}", crate::MAX_VCPUS))),
+            None => defaults.max_vcpus,
+        };
+        let max_memory_mib = match file.max_memory_mib {
+            Some(0) => host.memory_limit(),
+            Some(n) => set("max_memory_mib", crate::check_memory(n).map_err(|_| {
+                value_err(format!(
+                    "max_memory_mib must be 0 (this host's MemTotal) or between {} and {}, got {n}",
+                    crate::MIN_MEMORY_MIB,
+                    crate::MAX_MEMORY_MIB
+                ))
+            })?),
+            None => defaults.max_memory_mib,
+        };
+        // The config's own defaults must be within its maximums, or every run that
+        // takes them would fail.
+        if u32::from(vcpus) > max_vcpus.value {
+            return Err(value_err(format!("vcpus = {vcpus} is above the maximum {max_vcpus}")));
+        }
+        if memory_mib > max_memory_mib.value {
+            return Err(value_err(format!("memory_mib = {memory_mib} is above the maximum {max_memory_mib}")));
+        }
         let abs = |key: &str, v: Option<PathBuf>, d: PathBuf| -> Result<PathBuf, HostConfigError> {
             match v {
                 Some(p) if p.is_absolute() => Ok(p),
@@ -237,6 +382,9 @@ impl MoatConfig {
             jail_uid,
             jail_gid,
             cgroup_parent: abs("cgroup_parent", file.cgroup_parent, defaults.cgroup_parent)?,
+            max_vcpus,
+            max_memory_mib,
+            image_cache_mib: file.image_cache_mib.unwrap_or(defaults.image_cache_mib),
         })
     }
 }
@@ -261,12 +409,15 @@ fn normalize(p: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// A host with 8 CPUs and 16 GiB, so that the tests do not depend on this one.
+    const HOST: HostResources = HostResources { cpus: 8, memory_mib: 16384 };
+
     fn defaults() -> MoatConfig {
-        MoatConfig::defaults(Path::new("/opt/moat/bin"))
+        MoatConfig::defaults_on(Path::new("/opt/moat/bin"), HOST)
     }
 
     fn parse(text: &str) -> Result<MoatConfig, HostConfigError> {
-        MoatConfig::from_toml(Path::new("/etc/moat/config.toml"), text, defaults())
+        MoatConfig::from_toml_on(Path::new("/etc/moat/config.toml"), text, defaults(), HOST)
     }
 
     #[test]
@@ -318,6 +469,9 @@ mod tests {
             memory_mib = 2048
             state_dir = "/x/run"
             image_dir = "/x/images"
+            max_vcpus = 4
+            max_memory_mib = 4096
+            image_cache_mib = 0
             "#,
         )
         .expect("full config");
@@ -328,6 +482,67 @@ mod tests {
         assert_eq!((c.vcpus, c.memory_mib), (4, 2048));
         assert_eq!(c.state_dir, Path::new("/x/run"));
         assert_eq!(c.image_dir, Path::new("/x/images"));
+        let file = LimitOrigin::File("/etc/moat/config.toml".into());
+        assert_eq!(c.max_vcpus, Limit { key: "max_vcpus", value: 4, origin: file.clone() });
+        assert_eq!(c.max_memory_mib, Limit { key: "max_memory_mib", value: 4096, origin: file });
+        assert_eq!(c.image_cache_mib, 0);
+    }
+
+    #[test]
+    fn maximums_default_to_the_hosts_own() {
+        let d = defaults();
+        assert_eq!(d.image_cache_mib, DEFAULT_IMAGE_CACHE_MIB);
+        for c in [d, parse("max_vcpus = 0\nmax_memory_mib = 0").expect("0 is the host's")] {
+            assert_eq!(c.max_vcpus.value, 8);
+            assert_eq!(c.max_memory_mib.value, 16384);
+            assert!(matches!(c.max_vcpus.origin, LimitOrigin::Host { .. }));
+            assert!(matches!(c.max_memory_mib.origin, LimitOrigin::Host { .. }));
+        }
+        // The real host's figures are real ones, within what one VM can have.
+        let h = HostResources::detect();
+        assert!((1..=u32::from(crate::MAX_VCPUS)).contains(&h.cpus), "{h:?}");
+        assert!((1..=crate::MAX_MEMORY_MIB).contains(&h.memory_mib), "{h:?}");
+        // A host with more than one VM can have is capped there.
+        let big = HostResources { cpus: 64, memory_mib: crate::MAX_MEMORY_MIB };
+        assert_eq!(MoatConfig::defaults_on(Path::new("/b"), big).max_vcpus.value, 64);
+    }
+
+    #[test]
+    fn a_default_above_its_maximum_names_both_keys() {
+        let e = parse("vcpus = 4\nmax_vcpus = 2").expect_err("vcpus above max_vcpus").to_string();
+        assert_eq!(e, "moat config /etc/moat/config.toml: vcpus = 4 is above the maximum max_vcpus=2 (set in /etc/moat/config.toml)");
+        let e = parse("memory_mib = 2048\nmax_memory_mib = 1024").expect_err("memory above max").to_string();
+        assert!(e.contains("memory_mib = 2048") && e.contains("max_memory_mib=1024"), "{e}");
+        // Against the host's own figures when the maximum is 0 or unset.
+        let e = parse("vcpus = 9").expect_err("above the host's CPUs").to_string();
+        assert!(e.contains("vcpus = 9 is above the maximum max_vcpus=8 (this host's online CPUs"), "{e}");
+        let e = parse("memory_mib = 20000\nmax_memory_mib = 0").expect_err("above MemTotal").to_string();
+        assert!(e.contains("max_memory_mib=16384 (this host's MemTotal"), "{e}");
+        // Equal is fine, and a maximum may exceed the host (an operator's choice).
+        let c = parse("vcpus = 2\nmax_vcpus = 2\nmemory_mib = 512\nmax_memory_mib = 65536").expect("at the maximum");
+        assert_eq!((c.vcpus, c.max_vcpus.value, c.max_memory_mib.value), (2, 2, 65536));
+    }
+
+    #[test]
+    fn maximums_are_bounded() {
+        for bad in ["max_vcpus = 65", "max_memory_mib = 16", "max_memory_mib = 262145"] {
+            let e = parse(bad).expect_err(bad).to_string();
+            assert!(e.contains(&format!("{} must be", bad.split(' ').next().unwrap_or_default())), "{bad}: {e}");
+        }
+        assert!(parse("max_vcpus = -1").is_err());
+    }
+
+    #[test]
+    fn requests_above_a_limit_name_it_and_its_origin() {
+        let c = parse("max_vcpus = 8").expect("max_vcpus");
+        c.max_vcpus.check("io.moat.vcpus", 8).expect("at the limit");
+        let e = c.max_vcpus.check("io.moat.vcpus", 32).expect_err("above");
+        assert_eq!(e.to_string(), "io.moat.vcpus=32 is above the host's limit max_vcpus=8 (set in /etc/moat/config.toml)");
+        let e = defaults().max_memory_mib.check("--memory", 16385).expect_err("above MemTotal");
+        assert_eq!(
+            e.to_string(),
+            "--memory=16385 is above the host's limit max_memory_mib=16384 (this host's MemTotal: max_memory_mib is 0 or unset in the moat config)"
+        );
     }
 
     #[test]
@@ -358,9 +573,9 @@ mod tests {
     #[test]
     fn the_installed_example_is_all_defaults() {
         let prefix_bin = Path::new("/usr/local/bin");
-        let d = MoatConfig::defaults(prefix_bin);
+        let d = MoatConfig::defaults_on(prefix_bin, HOST);
         let path = Path::new("moat.toml.example");
-        assert_eq!(MoatConfig::from_toml(path, EXAMPLE, d.clone()).expect("as shipped"), d);
+        assert_eq!(MoatConfig::from_toml_on(path, EXAMPLE, d.clone(), HOST).expect("as shipped"), d);
         // Uncommented, every key must state its default: parsed over values that all
         // differ from the defaults, it must give the defaults back.
         let uncommented: String = EXAMPLE
@@ -371,7 +586,8 @@ mod tests {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 9, "{uncommented}");
+        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 12, "{uncommented}");
+        let file = LimitOrigin::File(path.into());
         let other = MoatConfig {
             vmm: "/x/vmm".into(),
             kernel: "/x/kernel".into(),
@@ -389,8 +605,11 @@ mod tests {
             jail_uid: d.jail_uid + 1,
             jail_gid: d.jail_gid + 1,
             cgroup_parent: "/x".into(),
+            max_vcpus: Limit { key: "max_vcpus", value: 3, origin: file.clone() },
+            max_memory_mib: Limit { key: "max_memory_mib", value: 999, origin: file },
+            image_cache_mib: d.image_cache_mib + 1,
         };
-        assert_eq!(MoatConfig::from_toml(path, &uncommented, other).expect("uncommented"), d);
+        assert_eq!(MoatConfig::from_toml_on(path, &uncommented, other, HOST).expect("uncommented"), d);
     }
 
     #[test]

@@ -99,6 +99,8 @@ pub fn run(opts: &Options) -> Vec<Check> {
                 Some(p) => Check::ok(format!("mkfs.ext4 at {} (moat run's writable layers)", p.display())),
                 None => Check::fail("mkfs.ext4 is missing", "apt-get install e2fsprogs: moat run makes each writable layer with it"),
             });
+            out.push(Check::ok(format!("a VM may have at most {} and {}", cfg.max_vcpus, cfg.max_memory_mib)));
+            out.push(image_cache(&cfg.image_dir, cfg.image_cache_mib, &set("image_cache_mib")));
         }
         Err(e) => out.push(Check::fail(
             format!("config {cfg_name}"),
@@ -289,6 +291,27 @@ fn disk_dir(dir: &Path, fix: &str) -> Check {
         ),
         _ => w,
     }
+}
+
+/// How much the image cache holds, against its cap (`cap_mib`, 0: none).
+fn image_cache(dir: &Path, cap_mib: u64, set_cap: &str) -> Check {
+    let images = match crate::image::cache::list(dir) {
+        Ok(i) => i,
+        Err(e) => return Check::warn(format!("image cache {}: {}", dir.display(), crate::error_chain(&e)), "run as root, or fix its permissions"),
+    };
+    let bytes = images.iter().fold(0u64, |t, i| t.saturating_add(i.bytes));
+    let held = format!("image cache {} holds {} images, {}", dir.display(), images.len(), crate::image::cache::human_size(bytes));
+    if cap_mib == 0 {
+        return Check::ok(format!("{held} (image_cache_mib = 0: no limit)"));
+    }
+    if bytes > cap_mib.saturating_mul(1 << 20) {
+        let in_use = images.iter().filter(|i| i.in_use).count();
+        return Check::warn(
+            format!("{held}, above image_cache_mib = {cap_mib} ({in_use} in use)"),
+            format!("moat image prune (images in use stay), or {set_cap}"),
+        );
+    }
+    Check::ok(format!("{held} (image_cache_mib = {cap_mib})"))
 }
 
 fn cgroup2(mnt: &Path) -> Check {
@@ -554,6 +577,23 @@ mod tests {
         let f = d.path().join("file");
         write(&f, b"", 0o644);
         assert_eq!(writable_dir("state dir", &f.join("sub"), "fix").level, Level::Fail);
+    }
+
+    #[test]
+    fn image_cache_against_its_cap() {
+        let d = tempfile::tempdir().expect("tmp");
+        let dir = d.path().join("images");
+        let c = image_cache(&dir, 1, "set image_cache_mib");
+        assert_eq!(c.to_string(), format!("ok    image cache {} holds 0 images, 0 B (image_cache_mib = 1)", dir.display()));
+        let image = dir.join("ab".repeat(32));
+        std::fs::create_dir_all(image.join("rootfs")).expect("image");
+        std::fs::write(image.join("size"), (2u64 << 20).to_string()).expect("size");
+        let c = image_cache(&dir, 1, "set image_cache_mib");
+        assert_eq!(c.level, Level::Warn, "{c}");
+        assert!(c.what.ends_with("holds 1 images, 2.0 MiB, above image_cache_mib = 1 (0 in use)"), "{c}");
+        assert!(c.fix.starts_with("moat image prune"), "{c}");
+        assert_eq!(image_cache(&dir, 2, "x").level, Level::Ok);
+        assert!(image_cache(&dir, 0, "x").what.contains("no limit"));
     }
 
     #[test]

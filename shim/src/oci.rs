@@ -39,6 +39,8 @@ pub enum OciError {
     Mount { destination: String, message: String },
     #[error("spec.{field} must be {what}")]
     Field { field: &'static str, what: &'static str },
+    #[error(transparent)]
+    AboveLimit(#[from] moat_config::AboveLimit),
 }
 
 /// Reads `bundle/config.json`.
@@ -75,7 +77,8 @@ pub struct PodSize {
 }
 
 /// The pod's size: the host config's defaults, overridden by `io.moat.*`
-/// annotations. Any other `io.moat.` key is an error (a typo must not be ignored).
+/// annotations, which must stay within the host's `max_vcpus` and `max_memory_mib`.
+/// Any other `io.moat.` key is an error (a typo must not be ignored).
 pub fn pod_size(spec: &Value, cfg: &MoatConfig) -> Result<PodSize, OciError> {
     let mut size = PodSize { vcpus: cfg.vcpus, memory_mib: cfg.memory_mib };
     for (key, value) in annotations(spec).filter(|(k, _)| k.starts_with(MOAT_ANNOTATION_PREFIX)) {
@@ -84,8 +87,14 @@ pub fn pod_size(spec: &Value, cfg: &MoatConfig) -> Result<PodSize, OciError> {
             value.as_str().and_then(|s| s.trim().parse::<u64>().ok()).ok_or_else(|| bad(format!("{value} is not a whole number")))
         };
         match key {
-            VCPUS_ANNOTATION => size.vcpus = moat_config::check_vcpus(n()?).map_err(|e| bad(e.to_string()))?,
-            MEMORY_ANNOTATION => size.memory_mib = moat_config::check_memory(n()?).map_err(|e| bad(e.to_string()))?,
+            VCPUS_ANNOTATION => {
+                size.vcpus = moat_config::check_vcpus(n()?).map_err(|e| bad(e.to_string()))?;
+                cfg.max_vcpus.check(key, u64::from(size.vcpus))?;
+            }
+            MEMORY_ANNOTATION => {
+                size.memory_mib = moat_config::check_memory(n()?).map_err(|e| bad(e.to_string()))?;
+                cfg.max_memory_mib.check(key, u64::from(size.memory_mib))?;
+            }
             _ => return Err(bad(format!("unknown moat annotation; known: {VCPUS_ANNOTATION}, {MEMORY_ANNOTATION}"))),
         }
     }
@@ -201,6 +210,27 @@ mod tests {
         assert!(bad(VCPUS_ANNOTATION, "0").contains(VCPUS_ANNOTATION));
         assert!(bad(VCPUS_ANNOTATION, "two").contains("not a whole number"));
         assert!(bad(MEMORY_ANNOTATION, "1").contains(MEMORY_ANNOTATION));
+    }
+
+    #[test]
+    fn pod_size_stays_within_the_hosts_limits() {
+        let host = moat_config::HostResources { cpus: 4, memory_mib: 8192 };
+        let defaults = MoatConfig::defaults_on(Path::new("/opt/moat/bin"), host);
+        let cfg = MoatConfig::from_toml_on(Path::new("/etc/moat/config.toml"), "max_vcpus = 2\nmax_memory_mib = 1024", defaults.clone(), host)
+            .expect("config");
+        let size = |cfg: &MoatConfig, k: &str, v: &str| pod_size(&json!({"annotations": {k: v}}), cfg);
+        assert_eq!(size(&cfg, VCPUS_ANNOTATION, "2").expect("at the limit").vcpus, 2);
+        assert_eq!(size(&cfg, MEMORY_ANNOTATION, "1024").expect("at the limit").memory_mib, 1024);
+        let e = size(&cfg, VCPUS_ANNOTATION, "32").expect_err("above max_vcpus");
+        assert!(matches!(e, OciError::AboveLimit(_)), "{e:?}");
+        assert_eq!(e.to_string(), "io.moat.vcpus=32 is above the host's limit max_vcpus=2 (set in /etc/moat/config.toml)");
+        let e = size(&cfg, MEMORY_ANNOTATION, "1025").expect_err("above max_memory_mib").to_string();
+        assert_eq!(e, "io.moat.memory_mib=1025 is above the host's limit max_memory_mib=1024 (set in /etc/moat/config.toml)");
+        // Without a maximum in the config, the host's own figures are the limit.
+        let e = size(&defaults, VCPUS_ANNOTATION, "5").expect_err("above the host's CPUs").to_string();
+        assert!(e.starts_with("io.moat.vcpus=5 is above the host's limit max_vcpus=4 (this host's online CPUs"), "{e}");
+        let e = size(&defaults, MEMORY_ANNOTATION, "8193").expect_err("above MemTotal").to_string();
+        assert!(e.starts_with("io.moat.memory_mib=8193 is above the host's limit max_memory_mib=8192"), "{e}");
     }
 
     #[test]

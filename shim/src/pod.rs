@@ -598,4 +598,28 @@ mod tests {
         assert!(matches!(&e, TaskError::InvalidArgument(m) if m.contains("config.json")), "{e:?}");
         assert!(pod.is_empty());
     }
+
+    #[test]
+    fn a_pod_above_the_hosts_limit_is_an_invalid_argument() {
+        let host = moat_config::HostResources { cpus: 2, memory_mib: 4096 };
+        let cfg = MoatConfig::from_toml_on(
+            Path::new("/etc/moat/config.toml"),
+            "max_vcpus = 1",
+            MoatConfig::defaults_on(Path::new("/nonexistent/bin"), host),
+            host,
+        )
+        .expect("config");
+        let (tx, _rx) = std::sync::mpsc::channel();
+        let pod = Pod::new(cfg, tx);
+        let bundle = tempfile::tempdir().expect("bundle");
+        let spec = serde_json::json!({"annotations": {oci::VCPUS_ANNOTATION: "2"}, "process": {"args": ["true"]}});
+        std::fs::write(bundle.path().join("config.json"), spec.to_string()).expect("config.json");
+        let req = CreateRequest { id: "c1".into(), bundle: bundle.path().into(), rootfs: vec![], io: IoPaths::default() };
+        let e = pod.create(req).expect_err("above max_vcpus");
+        assert!(
+            matches!(&e, TaskError::InvalidArgument(m) if m == "io.moat.vcpus=2 is above the host's limit max_vcpus=1 (set in /etc/moat/config.toml)"),
+            "{e:?}"
+        );
+        assert!(pod.is_empty() && pod.vmm_pid().is_none(), "nothing was started");
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use moat_config::{HostConfigError, MoatConfig};
+use moat_config::{AboveLimit, HostConfigError, MoatConfig};
 use moat_protocol::{CreateContainerRequest, Stdio as ProtoStdio, StreamKind};
 use nix::sys::signal::Signal;
 
@@ -62,6 +62,8 @@ pub enum RunError {
     Usage(String),
     #[error(transparent)]
     Config(#[from] HostConfigError),
+    #[error(transparent)]
+    AboveLimit(#[from] AboveLimit),
     #[error("image {image}")]
     Image {
         image: String,
@@ -125,6 +127,18 @@ pub fn parse_volume(v: &str) -> Result<(PathBuf, String, bool), RunError> {
     Ok((host, ctr.to_string(), ro))
 }
 
+/// The VM's vCPUs and MiB: the flags within the host's limits, else the config's
+/// defaults (which the config load checked against the same limits).
+pub fn vm_size(cfg: &MoatConfig, opts: &RunOptions) -> Result<(u8, u32), RunError> {
+    if let Some(n) = opts.vcpus {
+        cfg.max_vcpus.check("--vcpus", u64::from(n))?;
+    }
+    if let Some(n) = opts.memory_mib {
+        cfg.max_memory_mib.check("--memory", u64::from(n))?;
+    }
+    Ok((opts.vcpus.unwrap_or(cfg.vcpus), opts.memory_mib.unwrap_or(cfg.memory_mib)))
+}
+
 /// A fresh random sandbox id (12 hex digits).
 fn random_id() -> Result<String, RunError> {
     use std::io::Read;
@@ -142,6 +156,7 @@ enum Event {
 
 /// Runs the container; returns the command's exit status.
 pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
+    let (vcpus, memory_mib) = vm_size(cfg, opts)?;
     let (tx, rx) = mpsc::channel::<Event>();
     // Set by a signal that arrives before the command started: the run is abandoned.
     let cancel = Arc::new(AtomicBool::new(false));
@@ -161,7 +176,11 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
     };
     moat_protocol::validate_id("--name", &id).map_err(|e| RunError::Usage(e.to_string()))?;
     let volumes = opts.volumes.iter().map(|v| parse_volume(v)).collect::<Result<Vec<_>, _>>()?;
+    // `img` holds the image's lease until the run ends, so no prune removes it.
     let img = image::prepare(&opts.image, &cfg.image_dir).map_err(|source| RunError::Image { image: opts.image.display().to_string(), source })?;
+    if img.unpacked {
+        image::enforce_cache_cap(&cfg.image_dir, cfg.image_cache_mib);
+    }
     let root = if img.is_plain_dir() {
         RootSource::Dir { path: img.rootfs.clone(), read_only: opts.read_only }
     } else {
@@ -198,8 +217,8 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
     let cmd = oci["process"]["args"][0].as_str().unwrap_or_default().to_string();
     let sandbox_spec = SandboxSpec {
         id: id.clone(),
-        vcpus: opts.vcpus.unwrap_or(cfg.vcpus),
-        memory_mib: opts.memory_mib.unwrap_or(cfg.memory_mib),
+        vcpus,
+        memory_mib,
         root: Some(root),
         volumes: volumes.iter().map(|(h, _, ro)| Volume { host: h.clone(), read_only: *ro }).collect(),
         lifetime: Lifetime::TiedToCaller,
@@ -218,6 +237,7 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
         }
     }
     sandbox.stop();
+    drop(img);
     result
 }
 
@@ -432,6 +452,23 @@ mod tests {
         assert_eq!(RunError::Usage("x".into()).exit_code(), 125);
         assert_eq!(RunError::VmDied("x".into()).exit_code(), 125);
         assert_eq!(RunError::Interrupted(Signal::SIGINT).exit_code(), 130);
+    }
+
+    #[test]
+    fn flags_above_the_hosts_limits_are_moat_errors() {
+        let host = moat_config::HostResources { cpus: 2, memory_mib: 4096 };
+        let defaults = MoatConfig::defaults_on(std::path::Path::new("/opt/moat/bin"), host);
+        let cfg = MoatConfig::from_toml_on(std::path::Path::new("/etc/moat/config.toml"), "max_memory_mib = 512", defaults, host)
+            .expect("config");
+        let opts = |vcpus, memory_mib| RunOptions { vcpus, memory_mib, ..RunOptions::default() };
+        assert_eq!(vm_size(&cfg, &opts(None, None)).expect("defaults"), (1, 256));
+        assert_eq!(vm_size(&cfg, &opts(Some(2), Some(512))).expect("at the limits"), (2, 512));
+        let e = vm_size(&cfg, &opts(Some(3), None)).expect_err("above the host's CPUs");
+        assert_eq!(e.exit_code(), EXIT_MOAT_ERROR);
+        assert!(e.to_string().starts_with("--vcpus=3 is above the host's limit max_vcpus=2 (this host's online CPUs"), "{e}");
+        let e = vm_size(&cfg, &opts(None, Some(1024))).expect_err("above max_memory_mib");
+        assert_eq!(e.exit_code(), EXIT_MOAT_ERROR);
+        assert_eq!(e.to_string(), "--memory=1024 is above the host's limit max_memory_mib=512 (set in /etc/moat/config.toml)");
     }
 
     #[test]

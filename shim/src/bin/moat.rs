@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use moat_shim::containerd_config::{self, Applied, ConfigVersion};
 use moat_shim::doctor;
+use moat_shim::image::cache::{self, Prune};
 use moat_shim::run::{self, RunOptions, EXIT_MOAT_ERROR};
 
 #[derive(Parser)]
@@ -44,6 +45,31 @@ enum Command {
     /// Docker need no config: they name the runtime io.containerd.moat.v2 directly.
     #[command(name = "containerd-config")]
     ContainerdConfig(ContainerdConfigArgs),
+    /// List or prune the images `moat run` unpacked (the config's image_dir).
+    #[command(subcommand)]
+    Image(ImageCommand),
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// List the unpacked images: id, disk usage, last use, whether a run is using it,
+    /// and the path it was last run from.
+    #[command(visible_alias = "list")]
+    Ls,
+    /// Remove unpacked images that no run is using.
+    ///
+    /// Without --all, the least recently used ones until the cache fits in the
+    /// config's image_cache_mib (what moat run does after unpacking a new image); with
+    /// --all, every one. What interrupted unpacks left goes too. An image a run is
+    /// using, or unpacking, stays.
+    Prune(PruneArgs),
+}
+
+#[derive(Args)]
+struct PruneArgs {
+    /// Remove every image no run is using, not only what exceeds image_cache_mib
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args)]
@@ -66,10 +92,10 @@ struct ContainerdConfigArgs {
 
 #[derive(Args)]
 struct RunArgs {
-    /// vCPUs of the microVM [default: from the config, 1]
+    /// vCPUs of the microVM, at most the config's max_vcpus [default: from the config, 1]
     #[arg(long, value_name = "N")]
     vcpus: Option<u64>,
-    /// Guest memory in MiB [default: from the config, 256]
+    /// Guest memory in MiB, at most the config's max_memory_mib [default: from the config, 256]
     #[arg(long, value_name = "MIB")]
     memory: Option<u64>,
     /// Give the command a terminal (a pty in the guest)
@@ -141,6 +167,13 @@ fn main() {
             }
             doctor::exit_code(&checks)
         }
+        Command::Image(cmd) => match image(cmd) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("moat: {e}");
+                1
+            }
+        },
         Command::ContainerdConfig(args) => match containerd_config(args) {
             Ok(()) => 0,
             Err(e) => {
@@ -150,6 +183,43 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+/// `moat image ls` and `moat image prune`.
+fn image(cmd: ImageCommand) -> Result<(), String> {
+    let cfg = run::load_config().map_err(|e| moat_shim::error_chain(&e))?;
+    let dir = &cfg.image_dir;
+    match cmd {
+        ImageCommand::Ls => {
+            let images = cache::list(dir).map_err(|e| moat_shim::error_chain(&e))?;
+            print!("{}", cache::format_list(&images, std::time::SystemTime::now()));
+        }
+        ImageCommand::Prune(a) => {
+            let mode = match (a.all, cfg.image_cache_mib) {
+                (true, _) => Prune::All,
+                (false, 0) => Prune::ToCap(u64::MAX),
+                (false, mib) => Prune::ToCap(mib.saturating_mul(1 << 20)),
+            };
+            let report = cache::prune(dir, mode).map_err(|e| moat_shim::error_chain(&e))?;
+            for i in &report.removed {
+                println!("removed {} ({})", i.digest, cache::human_size(i.bytes));
+            }
+            let sum = |v: &[cache::CachedImage]| cache::human_size(v.iter().fold(0u64, |t, i| t.saturating_add(i.bytes)));
+            let in_use = report.kept.iter().filter(|i| i.in_use).count();
+            println!(
+                "moat: removed {} images ({}); {} left in {} ({}), {in_use} of them in use",
+                report.removed.len(),
+                sum(&report.removed),
+                report.kept.len(),
+                dir.display(),
+                sum(&report.kept)
+            );
+            if !a.all && cfg.image_cache_mib == 0 {
+                println!("moat: image_cache_mib is 0 (no limit), so only --all removes images");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `moat containerd-config`: print the CRI runtime entry, or add it to a file.

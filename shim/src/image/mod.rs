@@ -4,10 +4,10 @@
 //! Images are unpacked once into a cache keyed by the digest of their config, with
 //! every blob's digest checked on the way, and reused by later runs.
 
+pub mod cache;
 mod source;
 pub mod unpack;
 
-use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -79,6 +79,10 @@ pub struct Image {
     pub config: ImageConfig,
     /// `sha256:<hex>` of the image config; None for a plain directory.
     pub digest: Option<String>,
+    /// This call unpacked the image into the cache (it was not there before).
+    pub unpacked: bool,
+    /// Keeps a cached image from being pruned while this lives.
+    pub lease: Option<cache::Lease>,
 }
 
 impl Image {
@@ -172,15 +176,46 @@ pub fn prepare(image: &Path, cache_dir: &Path) -> Result<Image, ImageError> {
     let source = if meta.is_dir() {
         let is_image = ["oci-layout", "index.json", "manifest.json"].iter().any(|f| image.join(f).exists());
         if !is_image {
-            return Ok(Image { rootfs: image.to_path_buf(), config: ImageConfig::default(), digest: None });
+            return Ok(Image { rootfs: image.to_path_buf(), config: ImageConfig::default(), digest: None, unpacked: false, lease: None });
         }
         Source::Dir(image.to_path_buf())
-    } else {
+    } else if meta.is_file() {
         Source::tar(image)?
+    } else {
+        // A FIFO or a device would block or never end.
+        return Err(ImageError::Invalid(format!("{} is neither a regular file nor a directory", image.display())));
     };
     let plan = plan(&source, image)?;
-    let rootfs = cache::unpack_cached(cache_dir, &plan.config_digest, |dst| apply_all(&source, &plan.layers, dst))?;
-    Ok(Image { rootfs, config: plan.config, digest: Some(plan.config_digest) })
+    let label = std::fs::canonicalize(image).unwrap_or_else(|_| image.to_path_buf()).display().to_string();
+    let (rootfs, lease, unpacked) =
+        cache::unpack_cached(cache_dir, &plan.config_digest, &label, |dst| apply_all(&source, &plan.layers, dst))?;
+    Ok(Image { rootfs, config: plan.config, digest: Some(plan.config_digest), unpacked, lease: Some(lease) })
+}
+
+/// Keeps the image cache `dir` within `cap_mib` (0: no limit) by removing the least
+/// recently used images no run is using; `moat run` calls it after unpacking a new
+/// image. Failures are logged: a full cache must not fail the run that filled it.
+pub fn enforce_cache_cap(dir: &Path, cap_mib: u64) {
+    if cap_mib == 0 {
+        return;
+    }
+    let cap = cap_mib.saturating_mul(1 << 20);
+    match cache::prune(dir, cache::Prune::ToCap(cap)) {
+        Ok(report) => {
+            for i in &report.removed {
+                log::info!("image cache {}: evicted {} ({}) to stay within image_cache_mib={cap_mib}", dir.display(), i.digest, cache::human_size(i.bytes));
+            }
+            let left = report.kept.iter().fold(0u64, |t, i| t.saturating_add(i.bytes));
+            if left > cap {
+                log::warn!(
+                    "image cache {} holds {}, above image_cache_mib={cap_mib}: the images left are in use",
+                    dir.display(),
+                    cache::human_size(left)
+                );
+            }
+        }
+        Err(e) => log::warn!("image cache {}: cannot evict unused images: {}", dir.display(), crate::error_chain(&e)),
+    }
 }
 
 fn plan(source: &Source, image: &Path) -> Result<Plan, ImageError> {
@@ -363,12 +398,22 @@ impl<R: Read> Read for Capped<'_, R> {
     }
 }
 
-fn apply_all(source: &Source, layers: &[Layer], root: &Path) -> Result<(), ImageError> {
-    apply_all_capped(source, layers, root, MAX_IMAGE_BYTES)
+/// What an image may unpack to, over all its layers.
+#[derive(Clone, Copy, Debug)]
+struct Caps {
+    bytes: u64,
+    entries: usize,
 }
 
-fn apply_all_capped(source: &Source, layers: &[Layer], root: &Path, cap: u64) -> Result<(), ImageError> {
-    let mut left = cap;
+const CAPS: Caps = Caps { bytes: MAX_IMAGE_BYTES, entries: unpack::MAX_IMAGE_ENTRIES };
+
+fn apply_all(source: &Source, layers: &[Layer], root: &Path) -> Result<(), ImageError> {
+    apply_all_capped(source, layers, root, CAPS)
+}
+
+fn apply_all_capped(source: &Source, layers: &[Layer], root: &Path, caps: Caps) -> Result<(), ImageError> {
+    let mut left = caps.bytes;
+    let mut entries = unpack::EntryBudget::new(caps.entries);
     for layer in layers {
         let label = layer.blob_digest.as_ref().map(|(d, _)| d.clone()).unwrap_or_else(|| layer.name.clone());
         let compression = match layer.compression {
@@ -384,7 +429,7 @@ fn apply_all_capped(source: &Source, layers: &[Layer], root: &Path, cap: u64) ->
                 Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut blob)),
             };
             let mut diff = Hashing::new(Capped { inner: decoded, left: &mut left });
-            unpack::apply_layer(root, &mut diff).map_err(|source| ImageError::Layer { layer: label.clone(), source })?;
+            unpack::apply_layer(root, &mut diff, &mut entries).map_err(|source| ImageError::Layer { layer: label.clone(), source })?;
             // The tar's end marker may come before the end of the stream: hash it all.
             std::io::copy(&mut diff, &mut std::io::sink()).map_err(io_err)?;
             diff.finish().0
@@ -414,72 +459,6 @@ fn sniff(source: &Source, name: &str, label: &str) -> Result<Compression, ImageE
         [0x1f, 0x8b, ..] => Ok(Compression::Gzip),
         [0x28, 0xb5, 0x2f, 0xfd] => Err(ImageError::UnsupportedLayer { digest: label.to_string(), media_type: "zstd".into() }),
         _ => Ok(Compression::None),
-    }
-}
-
-mod cache {
-    //! The unpacked-image cache: `<dir>/<hex>/rootfs`, built under a per-image flock
-    //! in a temporary directory and renamed into place, so a reader never sees half
-    //! an image and a crashed unpack leaves only a temp dir the next one removes.
-    //!
-    //! `<dir>/<hex>` is mode 0700: an image's setuid binaries and device nodes are
-    //! unpacked as the image says, and no other host user may reach them.
-
-    use super::*;
-    use nix::fcntl::{Flock, FlockArg};
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-
-    const PRIVATE: u32 = 0o700;
-
-    pub fn unpack_cached(
-        dir: &Path,
-        digest: &str,
-        fill: impl FnOnce(&Path) -> Result<(), ImageError>,
-    ) -> Result<PathBuf, ImageError> {
-        let hex = digest_hex(digest)?;
-        let io = |what: String| move |source| ImageError::Io { what, source };
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(PRIVATE)
-            .create(dir)
-            .map_err(io(format!("cannot create image cache {}", dir.display())))?;
-        let lock_path = dir.join(format!("{hex}.lock"));
-        let lock_file = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(io(format!("cannot open {}", lock_path.display())))?;
-        let _lock = Flock::lock(lock_file, FlockArg::LockExclusive)
-            .map_err(|(_, e)| ImageError::Io { what: format!("cannot lock {}", lock_path.display()), source: e.into() })?;
-        let done = dir.join(hex);
-        let rootfs = done.join("rootfs");
-        if rootfs.is_dir() {
-            log::debug!("image {digest}: using the cached unpack in {}", done.display());
-            // An unpack made before the cache was private.
-            std::fs::set_permissions(&done, std::fs::Permissions::from_mode(PRIVATE))
-                .map_err(io(format!("cannot chmod {}", done.display())))?;
-            return Ok(rootfs);
-        }
-        let tmp = dir.join(format!("tmp-{hex}"));
-        if tmp.exists() {
-            // Left by an unpack that died; we hold the lock, so nobody is using it.
-            std::fs::remove_dir_all(&tmp).map_err(io(format!("cannot remove stale {}", tmp.display())))?;
-        }
-        let tmp_root = tmp.join("rootfs");
-        std::fs::DirBuilder::new().mode(PRIVATE).create(&tmp).map_err(io(format!("cannot create {}", tmp.display())))?;
-        // The mode given to mkdir is masked by the umask; the result must be exact.
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(PRIVATE)).map_err(io(format!("cannot chmod {}", tmp.display())))?;
-        std::fs::create_dir(&tmp_root).map_err(io(format!("cannot create {}", tmp_root.display())))?;
-        std::fs::set_permissions(&tmp_root, std::fs::Permissions::from_mode(0o755))
-            .map_err(io(format!("cannot chmod {}", tmp_root.display())))?;
-        log::info!("image {digest}: unpacking into {}", done.display());
-        if let Err(e) = fill(&tmp_root) {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-        std::fs::rename(&tmp, &done).map_err(io(format!("cannot move the unpacked image to {}", done.display())))?;
-        Ok(rootfs)
     }
 }
 

@@ -81,14 +81,15 @@ impl Source {
         let missing = || ImageError::Invalid(format!("image has no file {clean:?}"));
         match self {
             Source::Dir(d) => {
-                let p = d.join(&clean);
-                let f = File::open(&p).map_err(|e| match e.kind() {
-                    std::io::ErrorKind::NotFound => missing(),
-                    _ => ImageError::Io { what: format!("cannot open {}", p.display()), source: e },
+                let f = open_beneath(d, &clean).map_err(|e| match e {
+                    rustix::io::Errno::NOENT => missing(),
+                    rustix::io::Errno::LOOP => ImageError::Invalid(format!("image file {clean} is a symlink; moat reads image files only as regular files")),
+                    rustix::io::Errno::XDEV => ImageError::Invalid(format!("image file {clean} leads outside the image through a symlink")),
+                    e => ImageError::Io { what: format!("cannot open {}", d.join(&clean).display()), source: e.into() },
                 })?;
-                let meta = f.metadata().map_err(|source| ImageError::Io { what: format!("cannot stat {}", p.display()), source })?;
+                let meta = f.metadata().map_err(|source| ImageError::Io { what: format!("cannot stat {}", d.join(&clean).display()), source })?;
                 if !meta.is_file() {
-                    return Err(missing());
+                    return Err(ImageError::Invalid(format!("image file {clean} is {}, not a regular file", file_kind(&meta.file_type()))));
                 }
                 Ok((Box::new(f), meta.len()))
             }
@@ -113,6 +114,36 @@ impl Source {
             .read_to_end(&mut buf)
             .map_err(|source| ImageError::Io { what: format!("cannot read {name}"), source })?;
         Ok(buf)
+    }
+}
+
+/// Opens `name` below the directory `dir` for reading, never leaving it: a final
+/// symlink is refused (O_NOFOLLOW), symlinks on the way must stay below `dir`, and
+/// O_NONBLOCK keeps a FIFO from blocking the open, so the caller can look at what it
+/// got before reading from it.
+fn open_beneath(dir: &Path, name: &str) -> rustix::io::Result<File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let dir = rustix::fs::open(dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = rustix::fs::openat2(&dir, name, flags, Mode::empty(), ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS)?;
+    Ok(File::from(fd))
+}
+
+/// What a file that is not a regular file is, for messages.
+fn file_kind(t: &std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "of an unknown kind"
     }
 }
 

@@ -1,5 +1,6 @@
 use super::unpack::tests::{tar_of, E};
 use super::*;
+use std::fs::File;
 use std::io::Write;
 
 fn gzip(data: &[u8]) -> Vec<u8> {
@@ -231,7 +232,7 @@ fn an_image_bigger_than_the_cap_is_refused_naming_it() {
     let root = tmp.path().join("root");
     std::fs::create_dir(&root).expect("root");
     // The two small test layers unpack to a few KiB of tar: a 1 KiB cap is exceeded.
-    let e = apply_all_capped(&source, &plan.layers, &root, 1024).expect_err("over the cap");
+    let e = apply_all_capped(&source, &plan.layers, &root, Caps { bytes: 1024, ..CAPS }).expect_err("over the cap");
     let chain = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
     let mut inner: &dyn std::error::Error = &e;
     while let Some(s) = inner.source() {
@@ -242,4 +243,111 @@ fn an_image_bigger_than_the_cap_is_refused_naming_it() {
     let root2 = tmp.path().join("root2");
     std::fs::create_dir(&root2).expect("root2");
     apply_all(&source, &plan.layers, &root2).expect("under the cap");
+}
+
+/// Runs `f` on its own thread and fails if it has not returned within a minute: a
+/// guard so that a hang fails the test instead of stalling the suite, not a timing
+/// assertion.
+fn without_hanging<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(60)).unwrap_or_else(|_| panic!("{what}: still reading after a minute"))
+}
+
+#[test]
+fn blobs_that_are_not_regular_files_are_refused_naming_them() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let files = oci_files("application/vnd.oci.image.layer.v1.tar");
+    let (l1, l2) = (layer1(), layer2());
+    let layer = format!("blobs/sha256/{}", sha256_hex(&l2));
+    let config = format!("blobs/sha256/{}", sha256_hex(&config_json(&[&l1, &l2])));
+    let cases: &[(&str, &str, &str)] = &[
+        ("layer-symlink-to-dev-zero", &layer, "is a symlink"),
+        ("config-symlink-to-dev-zero", &config, "is a symlink"),
+        ("layer-fifo", &layer, "is a FIFO, not a regular file"),
+        ("config-fifo", &config, "is a FIFO, not a regular file"),
+        ("layer-symlink-to-fifo", &layer, "is a symlink"),
+        ("layer-directory", &layer, "is a directory, not a regular file"),
+        // The first blob read (the nested index) is refused already.
+        ("blobs-dir-symlink-outside", "blobs/sha256/", "leads outside the image"),
+    ];
+    for (case, blob, want) in cases {
+        let dir = tmp.path().join(case);
+        write_dir(&dir, &files);
+        let path = dir.join(if blob.ends_with('/') { layer.as_str() } else { blob });
+        std::fs::remove_file(&path).expect("remove blob");
+        match *case {
+            "layer-fifo" | "config-fifo" => nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo"),
+            "layer-symlink-to-fifo" => {
+                nix::unistd::mkfifo(&dir.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+                std::os::unix::fs::symlink("../../fifo", &path).expect("symlink");
+            }
+            "layer-directory" => std::fs::create_dir(&path).expect("mkdir"),
+            "blobs-dir-symlink-outside" => {
+                // The whole blobs/sha256 directory leads to a copy outside the image.
+                let outside = tmp.path().join(format!("{case}-outside"));
+                std::fs::rename(dir.join("blobs/sha256"), &outside).expect("move blobs");
+                std::fs::write(outside.join(path.file_name().expect("name")), &l2).expect("layer");
+                std::os::unix::fs::symlink(&outside, dir.join("blobs/sha256")).expect("symlink");
+            }
+            _ => std::os::unix::fs::symlink("/dev/zero", &path).expect("symlink"),
+        }
+        let cache = tmp.path().join(format!("cache-{case}"));
+        let e = without_hanging(case, move || prepare(&dir, &cache).map(|_| ()).map_err(|e| crate::error_chain(&e)));
+        let e = e.expect_err(case);
+        assert!(e.contains(&format!("image file {blob}")) && e.contains(want), "{case}: {e}");
+    }
+    // The image itself must be a file or a directory: a FIFO would block the open.
+    let fifo = tmp.path().join("image.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let cache = tmp.path().join("cache-fifo-image");
+    let e = without_hanging("a FIFO as the image", move || prepare(&fifo, &cache).map(|_| ()).map_err(|e| e.to_string()));
+    assert!(e.expect_err("FIFO image").contains("neither a regular file nor a directory"));
+}
+
+#[test]
+fn the_entries_of_all_layers_together_are_capped() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tarball = tmp.path().join("img.tar");
+    write_tar(&tarball, &docker_save_files());
+    let source = Source::tar(&tarball).expect("source");
+    let plan = plan(&source, &tarball).expect("plan");
+    // Layer 1 has 4 entries and layer 2 has 2: each is far below the per-layer cap,
+    // together they are one above a total cap of 5.
+    let root = tmp.path().join("root");
+    std::fs::create_dir(&root).expect("root");
+    let e = apply_all_capped(&source, &plan.layers, &root, Caps { entries: 5, ..CAPS }).expect_err("6 entries over a cap of 5");
+    let chain = crate::error_chain(&e);
+    assert!(chain.contains("the image has more than 5 entries in all its layers"), "{chain}");
+    let root = tmp.path().join("root2");
+    std::fs::create_dir(&root).expect("root2");
+    apply_all_capped(&source, &plan.layers, &root, Caps { entries: 6, ..CAPS }).expect("6 entries within a cap of 6");
+    assert_eq!(CAPS.entries, 4 << 20);
+}
+
+#[test]
+fn a_prepared_image_stays_in_the_cache_until_its_run_ends() {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let tarball = tmp.path().join("img.tar");
+    write_tar(&tarball, &docker_save_files());
+    let cache_dir = tmp.path().join("cache");
+    let img = prepare(&tarball, &cache_dir).expect("prepare");
+    assert!(img.unpacked && img.lease.is_some());
+    let again = prepare(&tarball, &cache_dir).expect("prepare again");
+    assert!(!again.unpacked, "the second run uses the cached unpack");
+    drop(again);
+    let listed = cache::list(&cache_dir).expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].in_use && listed[0].bytes > 0, "{listed:?}");
+    assert_eq!(listed[0].source.as_deref(), Some(std::fs::canonicalize(&tarball).expect("canon").to_str().expect("utf-8")));
+    let r = cache::prune(&cache_dir, cache::Prune::All).expect("prune");
+    assert!(r.removed.is_empty() && img.rootfs.join("bin/sh").is_file(), "an image in use was pruned");
+    drop(img);
+    let r = cache::prune(&cache_dir, cache::Prune::All).expect("prune");
+    assert_eq!(r.removed.len(), 1);
+    assert!(cache::list(&cache_dir).expect("list").is_empty());
+    // Plain directories are not cached, so nothing holds them.
+    assert!(prepare(tmp.path(), &cache_dir).expect("plain dir").lease.is_none());
 }

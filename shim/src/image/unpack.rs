@@ -29,12 +29,26 @@ const MAX_ENTRY_HEADERS: u64 = 4 << 20;
 /// Most entries one layer may have: bounds the bookkeeping of paths written, and an
 /// inode bomb. Real layers have tens of thousands.
 pub const MAX_LAYER_ENTRIES: usize = 1 << 20;
+/// Most entries an image may have over all its layers: many layers just under the
+/// per-layer cap must not add up to an inode bomb.
+pub const MAX_IMAGE_ENTRIES: usize = 4 << 20;
+/// Linux's PATH_MAX, which counts the terminating NUL: an entry name or link target
+/// must be shorter. The tar format itself has no limit (GNU long names, PAX).
+pub const PATH_MAX: usize = 4096;
+/// Linux's NAME_MAX: the longest component of an entry name.
+pub const NAME_MAX: usize = 255;
+/// How much of a hostile name an error message shows.
+const NAME_IN_MESSAGES: usize = 200;
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     #[error("cannot read the layer")]
     Read(#[source] std::io::Error),
+    #[error("the layer has more than {0} entries")]
+    LayerEntries(usize),
+    #[error("the image has more than {0} entries in all its layers")]
+    ImageEntries(usize),
     #[error("layer entry {name:?}: {what}")]
     Hostile { name: String, what: &'static str },
     #[error("layer entry {name:?}")]
@@ -45,10 +59,29 @@ pub enum UnpackError {
     },
 }
 
-/// Applies one layer read from `layer` (an uncompressed tar) onto `root`.
-pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
-    let budget = Rc::new(Cell::new(u64::MAX));
-    let mut archive = tar::Archive::new(HeaderBudget { inner: layer, left: budget.clone() });
+/// How many more entries an image may have, counted over all its layers.
+#[derive(Clone, Copy, Debug)]
+pub struct EntryBudget {
+    cap: usize,
+    left: usize,
+}
+
+impl EntryBudget {
+    pub fn new(cap: usize) -> EntryBudget {
+        EntryBudget { cap, left: cap }
+    }
+
+    fn take(&mut self) -> Result<(), UnpackError> {
+        self.left = self.left.checked_sub(1).ok_or(UnpackError::ImageEntries(self.cap))?;
+        Ok(())
+    }
+}
+
+/// Applies one layer read from `layer` (an uncompressed tar) onto `root`, taking
+/// each entry from `budget`.
+pub fn apply_layer(root: &Path, layer: impl Read, budget: &mut EntryBudget) -> Result<(), UnpackError> {
+    let header_budget = Rc::new(Cell::new(u64::MAX));
+    let mut archive = tar::Archive::new(HeaderBudget { inner: layer, left: header_budget.clone() });
     archive.set_preserve_permissions(true);
     archive.set_preserve_ownerships(true);
     archive.set_preserve_mtime(true);
@@ -64,15 +97,16 @@ pub fn apply_layer(root: &Path, layer: impl Read) -> Result<(), UnpackError> {
     loop {
         // Finding the next entry reads its headers, long names and PAX records into
         // memory; only that step is bounded.
-        budget.set(MAX_ENTRY_HEADERS);
+        header_budget.set(MAX_ENTRY_HEADERS);
         let next = entries.next();
-        budget.set(u64::MAX);
+        header_budget.set(u64::MAX);
         let Some(entry) = next else { break };
         let mut entry = entry.map_err(UnpackError::Read)?;
         count += 1;
         if count > MAX_LAYER_ENTRIES {
-            return Err(UnpackError::Read(std::io::Error::other(format!("the layer has more than {MAX_LAYER_ENTRIES} entries"))));
+            return Err(UnpackError::LayerEntries(MAX_LAYER_ENTRIES));
         }
+        budget.take()?;
         apply_entry(root, &mut entry, &mut written, &mut opaque)?;
         // Whatever data the entry has left is skipped here, not inside next().
         std::io::copy(&mut entry, &mut std::io::sink()).map_err(UnpackError::Read)?;
@@ -99,8 +133,16 @@ fn apply_entry<R: Read>(
     opaque: &mut Vec<PathBuf>,
 ) -> Result<(), UnpackError> {
     let raw = entry.path_bytes().into_owned();
-    let name = String::from_utf8_lossy(&raw).into_owned();
+    let name = name_for_messages(&raw);
     let entry_err = |source| UnpackError::Entry { name: name.clone(), source };
+    check_name_length(&raw, true).map_err(|what| UnpackError::Hostile { name: name.clone(), what })?;
+    let kind = entry.header().entry_type();
+    if kind.is_symlink() || kind.is_hard_link() {
+        let target = entry.link_name_bytes().unwrap_or_default();
+        // A symlink's target is resolved only in the guest, where the kernel applies
+        // NAME_MAX to it; a hard link's target is a path in the layer like any name.
+        check_name_length(&target, kind.is_hard_link()).map_err(|what| UnpackError::Hostile { name: name.clone(), what })?;
+    }
     let rel = clean_path(&raw).ok_or_else(|| UnpackError::Hostile { name: name.clone(), what: "path leaves the root" })?;
     let Some(file_name) = rel.file_name().map(OsStr::to_os_string) else {
         return Ok(()); // the root itself ("./")
@@ -120,7 +162,6 @@ fn apply_entry<R: Read>(
     }
     std::fs::create_dir_all(&parent).map_err(entry_err)?;
     let dst = parent.join(&file_name);
-    let kind = entry.header().entry_type();
     // A layer replaces whatever was there, except that a directory stays a
     // directory (its lower contents survive unless whited out).
     if let Ok(meta) = dst.symlink_metadata() {
@@ -150,6 +191,26 @@ fn apply_entry<R: Read>(
         log::debug!("layer entry {name:?}: skipping entry type {kind:?}");
     }
     Ok(())
+}
+
+/// Refuses a name (or link target) the kernel could not take as one path: PATH_MAX
+/// bytes or more, or (with `components`) a component longer than NAME_MAX.
+fn check_name_length(raw: &[u8], components: bool) -> Result<(), &'static str> {
+    if raw.len() >= PATH_MAX {
+        return Err("name or link target is longer than PATH_MAX (4095 bytes)");
+    }
+    if components && raw.split(|b| *b == b'/').any(|c| c.len() > NAME_MAX) {
+        return Err("a component of the name is longer than NAME_MAX (255 bytes)");
+    }
+    Ok(())
+}
+
+/// An entry name for an error message: lossy UTF-8, and only its start if it is long.
+fn name_for_messages(raw: &[u8]) -> String {
+    if raw.len() <= NAME_IN_MESSAGES {
+        return String::from_utf8_lossy(raw).into_owned();
+    }
+    format!("{}... ({} bytes)", String::from_utf8_lossy(&raw[..NAME_IN_MESSAGES]), raw.len())
 }
 
 /// Reads through `R` while `left` allows; `left` is lowered by what passes.
@@ -376,7 +437,7 @@ pub(crate) mod tests {
 
     impl Fixture {
         fn apply(&self, entries: &[E<'_>]) -> Result<(), UnpackError> {
-            apply_layer(&self.root, &tar_of(entries)[..])
+            apply_layer(&self.root, &tar_of(entries)[..], &mut EntryBudget::new(MAX_IMAGE_ENTRIES))
         }
         fn outside_untouched(&self) {
             let names: Vec<_> = std::fs::read_dir(&self.outside).expect("read outside").map(|e| e.expect("e").file_name()).collect();
@@ -488,7 +549,7 @@ pub(crate) mod tests {
         h.set_cksum();
         let rest = tar_of(&[E::File("x", b"x")]);
         let layer = std::io::Read::chain(&h.as_bytes()[..], std::io::repeat(b'a').take(256 << 20)).chain(&rest[..]);
-        let e = apply_layer(&f.root, layer).expect_err("oversized long name");
+        let e = apply_layer(&f.root, layer, &mut EntryBudget::new(MAX_IMAGE_ENTRIES)).expect_err("oversized long name");
         assert!(matches!(e, UnpackError::Read(_)), "wrong error: {:.200}", e.to_string());
         // Big file data is not a header: it still goes through.
         let big = vec![7u8; (MAX_ENTRY_HEADERS as usize) * 2];
@@ -509,8 +570,50 @@ pub(crate) mod tests {
         h.set_mtime(0);
         h.set_cksum();
         b.append_data(&mut h, "after", &b"ok"[..]).expect("append");
-        apply_layer(&f.root, &b.into_inner().expect("tar")[..]).expect("skipped big entry");
+        apply_layer(&f.root, &b.into_inner().expect("tar")[..], &mut EntryBudget::new(MAX_IMAGE_ENTRIES)).expect("skipped big entry");
         assert_eq!(std::fs::read(f.root.join("after")).expect("after"), b"ok");
+    }
+
+    #[test]
+    fn names_beyond_path_max_or_name_max_are_refused() {
+        let f = fixture();
+        let layer = |path: &str, link: Option<(tar::EntryType, &str)>| {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(0);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            match link {
+                // The builder writes GNU long-name and long-link records as needed.
+                Some((kind, target)) => {
+                    h.set_entry_type(kind);
+                    b.append_link(&mut h, path, target).expect("append link");
+                }
+                None => b.append_data(&mut h, path, &b""[..]).expect("append"),
+            }
+            b.into_inner().expect("tar")
+        };
+        let apply = |tar: Vec<u8>| apply_layer(&f.root, &tar[..], &mut EntryBudget::new(MAX_IMAGE_ENTRIES));
+        let hostile = |r: Result<(), UnpackError>, want: &str| match r {
+            Err(UnpackError::Hostile { name, what }) => {
+                assert!(what.contains(want), "{what}");
+                assert!(name.len() < 300, "the message carries all of a hostile name: {} bytes", name.len());
+            }
+            other => panic!("want a refusal naming {want}, got {other:?}"),
+        };
+        let component = "c".repeat(NAME_MAX);
+        apply(layer(&component, None)).expect("a 255-byte component");
+        hostile(apply(layer(&format!("{component}x"), None)), "NAME_MAX");
+        hostile(apply(layer(&format!("d/{component}x/f"), None)), "NAME_MAX");
+        // 2,048 two-byte components: 4,095 bytes fit, one more does not.
+        let deep = ["d"; 2048].join("/");
+        assert_eq!(deep.len(), PATH_MAX - 1);
+        hostile(apply(layer(&format!("{deep}x"), None)), "PATH_MAX");
+        hostile(apply(layer("s", Some((tar::EntryType::Symlink, &format!("{deep}x"))))), "PATH_MAX");
+        hostile(apply(layer("h", Some((tar::EntryType::Link, &format!("{component}x"))))), "NAME_MAX");
+        apply(layer("s2", Some((tar::EntryType::Symlink, &"t".repeat(300))))).expect("a symlink's target may have long components");
     }
 
     #[test]
