@@ -4,7 +4,7 @@
 # integration/tests/containerd.rs, one test host per version and group).
 #
 #   make build guest images
-#   integration/testhost run -- bash integration/ctr_test.sh 1.6|2 basic|task|recovery|parallel [N]
+#   integration/testhost run -- bash integration/ctr_test.sh 1.6|2 basic|task|recovery|parallel|hostile [N]
 #
 # containerd 1.6 is bookworm's (/usr/bin), 2.x sid's (/opt/containerd2/bin, see
 # integration/testhost). Each run starts a private containerd (own root, state and
@@ -31,9 +31,9 @@ group=${2:-}
 parallel=${3:-20} # containers at once in the parallel group
 case "$version/$group" in
 1.6/* | 2/*) ;;
-*) echo "usage: $0 1.6|2 basic|task|recovery|parallel [N]" >&2; exit 2 ;;
+*) echo "usage: $0 1.6|2 basic|task|recovery|parallel|hostile [N]" >&2; exit 2 ;;
 esac
-case "$group" in basic | task | recovery | parallel) ;; *) echo "unknown group $group" >&2; exit 2 ;; esac
+case "$group" in basic | task | recovery | parallel | hostile) ;; *) echo "unknown group $group" >&2; exit 2 ;; esac
 
 [ "${MOAT_TESTHOST:-}" = 1 ] || { echo "run me inside the test host: integration/testhost run -- bash $0" >&2; exit 2; }
 [ -f "$image_tar" ] || { echo "no $image_tar: make images" >&2; exit 2; }
@@ -266,6 +266,123 @@ parallel_runs() { # n ctr...: n containers at once, each its own output and stat
 	done
 	echo "$n containers, each with its own output and exit status: $([ $bad = 0 ] && echo yes || echo NO)"
 	return $bad
+}
+
+# --- hostile: a guest that has root (a privileged container mounts the pod's
+# virtio-fs shares itself, as guest root or a guest kernel could) attacks the host.
+
+guest_root_plants() { # ctr...: the shares' own dirs are read-only to the guest
+	local o
+	"$@" run -d --privileged --annotation io.kubernetes.cri.sandbox-id=hp --runtime io.containerd.moat.v2 "$image" h1 sleep 1000 || return
+	wait_status RUNNING h1 "$@" || return
+	# Try to plant symlinks where the host will mount the next container's rootfs and
+	# its binds, to make a dir there, and to fill the host's /run through the share.
+	o=$("$@" task exec --exec-id a1 h1 sh -c '
+		mkdir -p /mnt/fs /mnt/vol
+		mount -t virtiofs moatfs /mnt/fs && mount -t virtiofs moatvol /mnt/vol && echo mounted-shares
+		ls /mnt/fs
+		ln -s /etc /mnt/fs/h2 2>&1 && echo PLANTED-ROOTFS
+		mkdir /mnt/vol/h2 2>&1 && echo MADE-VOLDIR
+		ln -s /etc/shadow /mnt/vol/h2 2>&1 && echo PLANTED-VOL
+		dd if=/dev/zero of=/mnt/fs/fill bs=1M count=8 2>&1 && echo FILLED
+		touch /mnt/fs/h1/x 2>&1 && echo WROTE-SKELETON
+		touch /mnt/fs/h1/rootfs/written-through-share && echo rootfs-writable
+		umount /mnt/fs /mnt/vol
+		echo done') || { echo "$o"; return 1; }
+	echo "$o"
+	[[ "$o" == *mounted-shares* && "$o" == *rootfs-writable* && "$o" == *done* ]] || return 1
+	[[ "$o" != *PLANTED* && "$o" != *MADE-VOLDIR* && "$o" != *FILLED* && "$o" != *WROTE-SKELETON* ]] || return 1
+	[[ "$o" == *"Read-only file system"* ]]
+}
+
+next_container_is_safe() { # ctr...: the pod's next container, with a bind, runs normally
+	local o sum
+	sum=$(sha256sum /etc/shadow)
+	mkdir -p "$work/h2vol" && echo data >"$work/h2vol/f"
+	o=$("$@" run --rm --annotation io.kubernetes.cri.sandbox-id=hp --mount "type=bind,src=$work/h2vol,dst=/v,options=rbind:rw" \
+		--runtime io.containerd.moat.v2 "$image" h2 sh -c 'cat /v/f; ls / | head -3; echo h2-ok') || { echo "$o"; return 1; }
+	echo "$o"
+	[[ "$o" == *data* && "$o" == *h2-ok* ]] && [ "$(sha256sum /etc/shadow)" = "$sum" ] && [ ! -L /etc/rootfs ]
+}
+
+end_h1() { # ctr...
+	"$@" task kill -s KILL h1
+	wait_status STOPPED h1 "$@" || return
+	"$@" task delete h1 && "$@" container rm h1
+}
+
+ro_bind_with_submount() { # ctr...: a read-only bind is read-only in its submounts too
+	local o
+	mkdir -p "$work/rovol/sub"
+	echo keep >"$work/rovol/f"
+	mount -t tmpfs -o size=1m tmpfs "$work/rovol/sub" || return
+	echo below >"$work/rovol/sub/g"
+	o=$("$@" run --rm --mount "type=bind,src=$work/rovol,dst=/v,options=rbind:ro" --runtime io.containerd.moat.v2 "$image" h3 sh -c '
+		cat /v/f /v/sub/g
+		echo x > /v/f 2>&1 && echo WROTE-TOP
+		echo x > /v/sub/g 2>&1 && echo WROTE-SUB
+		touch /v/sub/new 2>&1 && echo CREATED-SUB
+		echo done')
+	umount "$work/rovol/sub"
+	echo "$o"
+	[[ "$o" == *keep*below*done* && "$o" != *WROTE* && "$o" != *CREATED* ]]
+}
+
+volume_set_id_and_devices() { # ctr...: no set-ID file or device node lands in a writable bind
+	local o mode
+	mkdir -p "$work/rwvol"
+	printf '#!/bin/sh\n' >"$work/rwvol/prog"
+	chmod 755 "$work/rwvol/prog"
+	o=$("$@" run --rm --mount "type=bind,src=$work/rwvol,dst=/v,options=rbind:rw" --runtime io.containerd.moat.v2 "$image" h4 sh -c '
+		id -u
+		chmod u+s /v/prog 2>&1 && echo SUID
+		chmod g+s /v/prog 2>&1 && echo SGID
+		cp /bin/busybox /v/bb && chmod 4755 /v/bb 2>&1 && echo SUID-COPY
+		mknod /v/sda b 8 0 2>&1 && echo BLOCK-DEV
+		mknod /v/mem c 1 1 2>&1 && echo CHAR-DEV
+		mkfifo /v/fifo && echo fifo-ok
+		echo done')
+	echo "$o"
+	mode=$(stat -c %a "$work/rwvol/prog")
+	ls -l "$work/rwvol"
+	[[ "$o" == *fifo-ok*done* && "$o" != *SUID* && "$o" != *SGID* && "$o" != *DEV* ]] &&
+		[ "$mode" = 755 ] && [ ! -e "$work/rwvol/sda" ] && [ ! -e "$work/rwvol/mem" ] && [ ! -u "$work/rwvol/bb" ]
+}
+
+vmm_is_jailed() { # ctr...: moat-vmm runs unprivileged, in its own namespaces, seeing only its jail
+	local pid uid caps o
+	"$@" run -d --runtime io.containerd.moat.v2 "$image" h5 sleep 1000 || return
+	wait_status RUNNING h5 "$@" || return
+	pid=$(pgrep -x moat-vmm | head -1)
+	[ -n "$pid" ] || { echo "no moat-vmm"; return 1; }
+	uid=$(awk '/^Uid:/ { print $2 }' "/proc/$pid/status")
+	caps=$(awk '/^CapEff:/ { print $2 }' "/proc/$pid/status")
+	echo "moat-vmm pid $pid uid $uid CapEff $caps"
+	o=$(ls "/proc/$pid/root/" 2>&1; ls "/proc/$pid/root/dev" 2>&1)
+	echo "its root: $o" | tr '\n' ' '; echo
+	local bad=0
+	[ "$uid" != 0 ] || { echo "runs as root"; bad=1; }
+	[ "$caps" = 0000000000000000 ] || { echo "has capabilities"; bad=1; }
+	for ns in mnt pid net ipc uts; do
+		[ "$(readlink "/proc/$pid/ns/$ns")" != "$(readlink /proc/1/ns/$ns)" ] || { echo "shares the host's $ns namespace"; bad=1; }
+	done
+	[ ! -e "/proc/$pid/root/etc" ] && [ ! -e "/proc/$pid/root/var" ] || { echo "sees the host's files"; bad=1; }
+	grep -q seccomp "/proc/$pid/status" && awk '/^Seccomp:/ { exit $2 == 2 ? 0 : 1 }' "/proc/$pid/status" || { echo "no seccomp filter"; bad=1; }
+	"$@" task kill -s KILL h5
+	wait_status STOPPED h5 "$@"
+	"$@" task delete h5 && "$@" container rm h5
+	return $bad
+}
+
+group_hostile() {
+	check "$name: guest root cannot plant, make or fill anything in the shares' own dirs" guest_root_plants "${ctr[@]}"
+	check "$name: the pod's next container (with a bind) is unaffected" next_container_is_safe "${ctr[@]}"
+	check "$name: end the privileged container" end_h1 "${ctr[@]}"
+	check "$name: a read-only bind with a writable submount is read-only all the way down" ro_bind_with_submount "${ctr[@]}"
+	check "$name: no set-ID file or device node in a writable bind" volume_set_id_and_devices "${ctr[@]}"
+	check "$name: moat-vmm is jailed" vmm_is_jailed "${ctr[@]}"
+	sleep 1
+	check "$name: nothing left" leftovers
 }
 
 restart_containerd() { # bin pathprefix version dir

@@ -1,20 +1,32 @@
 # integration/lib.sh: shell functions shared by the end-to-end scripts (sourced).
 
+# The cgroup directories that exist now (to compare with later: moat must remove
+# every cgroup it made).
+cgroup_dirs() {
+	find /sys/fs/cgroup -mindepth 1 -maxdepth 5 -type d 2>/dev/null | sort
+}
+cgroups_at_start=$(cgroup_dirs)
+
 # Nothing of moat is left: no state dir, VMM, virtiofsd, shim or mount under
-# /run/moat. Polls up to 20 s (processes take a moment to go), then lists what is.
+# /run/moat, no writable-layer disk, no cgroup it made. Polls up to 20 s (processes
+# take a moment to go), then lists what is.
 leftovers() {
 	local bad i
 	for ((i = 0; i < 40; i++)); do
 		bad=0
 		[ -z "$(ls /run/moat 2>/dev/null)" ] || bad=1
+		[ -z "$(ls /var/lib/moat/scratch 2>/dev/null)" ] || bad=1
 		pgrep moat-vmm >/dev/null && bad=1
 		pgrep virtiofsd >/dev/null && bad=1
 		pgrep -f containerd-shim-moat >/dev/null && bad=1
 		grep -q /run/moat /proc/self/mountinfo && bad=1
+		[ -z "$(comm -13 <(echo "$cgroups_at_start") <(cgroup_dirs))" ] || bad=1
 		[ $bad = 0 ] && break
 		sleep 0.5
 	done
 	echo "state dirs: $(ls /run/moat 2>/dev/null | tr '\n' ' ')"
+	echo "disks: $(ls /var/lib/moat/scratch 2>/dev/null | tr '\n' ' ')"
+	echo "new cgroups: $(comm -13 <(echo "$cgroups_at_start") <(cgroup_dirs) | tr '\n' ' ')"
 	pgrep -a moat-vmm
 	pgrep -a virtiofsd
 	pgrep -af containerd-shim-moat

@@ -478,6 +478,101 @@ fn read_only_rootfs_and_bind_mounts_are_enforced() {
     assert!(!dir.path().join("new").exists());
 }
 
+/// KiB used on the file system holding `path` (statvfs).
+fn used_kib(path: &str) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).expect("statvfs");
+    (s.blocks() - s.blocks_free()) * s.fragment_size() / 1024
+}
+
+/// A container that fills its writable layer hits its own quota (ENOSPC from the
+/// guest's disk image), not the host's RAM: the host's /run does not grow while the
+/// layer is full, another run works meanwhile, and the image goes with the run.
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn writable_layer_has_a_disk_quota() {
+    require_kvm();
+    let run_before = used_kib("/run");
+    // The container holds its full layer until the host says go (a file in /ctl).
+    let ctl = TempDir::new("quota-ctl");
+    let script = "dd if=/dev/zero of=/fill bs=1M count=256 2>&1; echo dd-exit=$?; echo filled; \
+                  while [ ! -e /ctl/go ]; do sleep 1; done; echo released";
+    let vol = format!("{}:/ctl", ctl.s());
+    let mut child = moat_cmd(&["--name", "dq64", "--disk-size", "64", "-v", &vol, &img("busybox-oci"), "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start moat");
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let err = reader(child.stderr.take().expect("stderr"));
+    let mut text = String::new();
+    let deadline = Instant::now() + RUN_TIMEOUT;
+    while !text.contains("filled") && Instant::now() < deadline {
+        let mut line = String::new();
+        if std::io::BufRead::read_line(&mut out, &mut line).expect("read") == 0 {
+            break;
+        }
+        text.push_str(&line);
+    }
+    let run_full = used_kib("/run");
+    let disk = Path::new("/var/lib/moat/scratch/dq64.img");
+    let disk_kib = std::fs::metadata(disk).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) / 2).unwrap_or(0);
+    // Another run works while this one's layer is full.
+    let other = run(&[&img("busybox-oci"), "--", "sh", "-c", "dd if=/dev/zero of=/f bs=1M count=16 2>/dev/null && echo other-ok"]);
+    std::fs::write(ctl.path().join("go"), b"").expect("release the container");
+    let status = wait_or_kill(&mut child, RUN_TIMEOUT, "moat run with a full layer");
+    let mut rest = String::new();
+    let _ = out.read_to_string(&mut rest);
+    text.push_str(&rest);
+    let stderr = String::from_utf8_lossy(&err.join().expect("stderr")).into_owned();
+    eprintln!("guest: {text}\n/run used: {run_before} KiB before, {run_full} KiB with the layer full; disk image {disk_kib} KiB allocated\n{stderr}");
+    assert_eq!(status.code(), Some(0), "{text}");
+    assert!(text.contains("released"), "{text}");
+    assert!(text.contains("No space left on device"), "the container never hit its quota: {text}");
+    assert!(text.contains("dd-exit=1"), "{text}");
+    let copied: u64 = text.lines().find_map(|l| l.strip_suffix("+0 records out").and_then(|n| n.trim().parse().ok())).unwrap_or(u64::MAX);
+    assert!(copied < 64, "wrote {copied} MiB into a 64 MiB layer: {text}");
+    assert!(run_full < run_before + 8 * 1024, "the host's /run grew from {run_before} to {run_full} KiB");
+    assert!(disk_kib > 16 * 1024 && disk_kib <= 64 * 1024 + 1024, "the layer's image holds {disk_kib} KiB");
+    assert_eq!(other.code(), 0, "{}", other.stderr);
+    assert_eq!(other.text().trim(), "other-ok");
+    assert_nothing_left("dq64");
+    assert!(!disk.exists(), "the layer's disk image outlived its run");
+    let too_big = run(&["--disk-size", "99999999", &img("busybox-oci"), "--", "true"]);
+    assert_eq!(too_big.code(), 125);
+    assert!(too_big.stderr.contains("max_disk_mib"), "{}", too_big.stderr);
+}
+
+/// virtiofsd acts as root for the guest, yet a guest's root cannot leave a set-ID
+/// program or a device node in a writable volume (nor in a root directory used in
+/// place).
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn volumes_refuse_set_id_files_and_devices() {
+    require_kvm();
+    let dir = TempDir::new("setid");
+    std::fs::write(dir.path().join("prog"), b"#!/bin/sh\n").expect("write");
+    std::fs::set_permissions(dir.path().join("prog"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    let vol = format!("{}:/v", dir.s());
+    let o = run(&["-v", &vol, &img("busybox-oci"), "--", "sh", "-c",
+        "chmod u+s /v/prog 2>&1 && echo SUID; chmod g+s /v/prog 2>&1 && echo SGID; \
+         cp /bin/busybox /v/bb && chmod 4755 /v/bb 2>&1 && echo SUID-COPY; \
+         mknod /v/sda b 8 0 2>&1 && echo BLOCK-DEV; mknod /v/mem c 1 1 2>&1 && echo CHAR-DEV; \
+         mkfifo /v/fifo && echo fifo-ok; echo 'plain write' > /v/plain && echo done"]);
+    assert_eq!(o.code(), 0, "{}", o.stderr);
+    let text = o.text();
+    for bad in ["SUID", "SGID", "BLOCK-DEV", "CHAR-DEV"] {
+        assert!(!text.contains(bad), "{bad} in a writable volume: {text}");
+    }
+    assert!(text.contains("fifo-ok") && text.contains("done"), "{text}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |n: &str| std::fs::metadata(dir.path().join(n)).map(|m| m.permissions().mode() & 0o7777);
+    assert_eq!(mode("prog").expect("prog"), 0o755);
+    assert!(mode("bb").expect("copied busybox") & 0o6000 == 0, "a set-ID copy landed on the host");
+    assert!(!dir.path().join("sda").exists() && !dir.path().join("mem").exists());
+    assert_eq!(std::fs::read_to_string(dir.path().join("plain")).expect("plain"), "plain write\n");
+}
+
 #[test]
 #[ignore = "boots Linux: run through `make test-kvm`"]
 fn fork_bomb_is_bounded_by_the_pids_limit() {
