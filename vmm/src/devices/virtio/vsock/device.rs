@@ -284,5 +284,6 @@ mod tests {
         assert_ne!(tx.used(), taken, "TX stayed stalled after RX drained");
         let first: VsockHeader = mem.read_obj(GuestAddress(0x20_0000)).expect("rx hdr");
         assert_eq!({ first.op }, OP_RST);
+        let _ = std::fs::remove_file(&path);
     }
 }
