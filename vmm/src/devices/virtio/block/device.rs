@@ -10,7 +10,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::handler::{process_requests, Disk, ID_BYTES, SECTOR_SIZE};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, GuestFaults, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
 };
 
 const TYPE_BLOCK: u32 = 2;
@@ -33,6 +33,7 @@ pub struct Block {
     disk: Disk,
     config: [u8; 24],
     live: Option<(GuestMemoryMmap, Queue, Arc<IrqLine>)>,
+    faults: GuestFaults,
 }
 
 impl Block {
@@ -57,7 +58,12 @@ impl Block {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        Ok(Block { disk: Disk { file, capacity_sectors, read_only, id: ident }, config, live: None })
+        Ok(Block {
+            disk: Disk { file, capacity_sectors, read_only, id: ident },
+            config,
+            live: None,
+            faults: GuestFaults::new("virtio-blk"),
+        })
     }
 }
 
@@ -86,7 +92,7 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize) -> bool {
         let (0, Some((mem, queue, irq))) = (index, self.live.as_mut()) else { return false };
-        let (interrupt, more) = process_requests(queue, mem, &self.disk, usize::from(queue.size()));
+        let (interrupt, more) = process_requests(queue, mem, &self.disk, &mut self.faults, usize::from(queue.size()));
         if interrupt {
             irq.trigger(INT_VRING);
         }

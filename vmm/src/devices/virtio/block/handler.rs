@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use crate::devices::virtio::next_chain;
+use crate::devices::virtio::{next_chain, return_indirect, Avail, GuestFaults};
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest data transfer per request; larger ones fail with IOERR. Linux's default
@@ -50,12 +50,27 @@ pub struct Disk {
     pub id: [u8; ID_BYTES],
 }
 
-/// Serves up to `max_chains` requests; returns (interrupt needed, more waiting).
-pub fn process_requests(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk, max_chains: usize) -> (bool, bool) {
+/// Serves up to `max_chains` requests; returns (interrupt needed, more waiting). A
+/// chain with an indirect descriptor is a guest fault, returned unused.
+pub fn process_requests(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    faults: &mut GuestFaults,
+    max_chains: usize,
+) -> (bool, bool) {
     let mut used_any = false;
     for _ in 0..max_chains {
-        let Some(chain) = next_chain(queue, mem) else {
-            return (used_any && queue.needs_notification(mem).unwrap_or(true), false);
+        let chain = match next_chain(queue, mem) {
+            None => return (used_any && queue.needs_notification(mem).unwrap_or(true), false),
+            Some(Avail::Chain(chain)) => chain,
+            Some(Avail::Indirect(head)) => {
+                if !return_indirect(queue, mem, head, faults) {
+                    break;
+                }
+                used_any = true;
+                continue;
+            }
         };
         let head = chain.head_index();
         let written = serve(mem, chain, disk);
@@ -168,6 +183,7 @@ mod tests {
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem")
@@ -200,7 +216,7 @@ mod tests {
         let vq = MockSplitQueue::new(m, 16);
         vq.add_desc_chains(descs, 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        process_requests(&mut q, m, d, 16);
+        process_requests(&mut q, m, d, &mut GuestFaults::new("test"), 16);
         m.read_obj::<u32>(GuestAddress(vq.used_addr().0 + 4 + 4)).expect("used len")
     }
 
@@ -292,6 +308,29 @@ mod tests {
         header(&m, 0x10_0000, T_IN, 0);
         let descs = [desc(0x10_0000, 16, F_NEXT, 1), desc(0xfff0_0000, 512, F_WRITE | F_NEXT, 2), desc(0x40_0000, 1, F_WRITE, 0)];
         run(&m, &descs, &d);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn indirect_chains_are_refused() {
+        let m = mem();
+        let (d, path) = disk(false);
+        header(&m, 0x10_0000, T_IN, 2);
+        m.write_obj(0xffu8, GuestAddress(0x40_0000)).expect("status");
+        // A whole read request in an indirect table (indices are the table's own).
+        let table = [desc(0x10_0000, 16, F_NEXT, 1), desc(0x20_0000, 512, F_WRITE | F_NEXT, 2), desc(0x40_0000, 1, F_WRITE, 0)];
+        for (i, t) in table.iter().enumerate() {
+            m.write_obj(*t, GuestAddress(0x50_0000 + 16 * i as u64)).expect("indirect table");
+        }
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.add_desc_chains(&[desc(0x50_0000, 48, F_INDIRECT, 0)], 0).expect("chain");
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut faults = GuestFaults::new("test");
+        assert_eq!(process_requests(&mut q, &m, &d, &mut faults, 16), (true, false));
+        assert_eq!(m.read_obj::<u32>(GuestAddress(vq.used_addr().0 + 4 + 4)).expect("used len"), 0, "returned unused");
+        assert_eq!(status(&m, 0x40_0000), 0xff, "no status written");
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_0000)).expect("data"), 0, "no data read into it");
+        assert_eq!(faults.count(), 1);
         let _ = std::fs::remove_file(path);
     }
 

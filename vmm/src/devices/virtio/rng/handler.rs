@@ -5,6 +5,8 @@ use std::io::Read;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 
+use crate::devices::virtio::{next_chain, return_indirect, Avail, GuestFaults};
+
 /// Most bytes served per request: a guest asking for a huge buffer gets part of it
 /// (the driver asks again) instead of making the VMM read megabytes at once.
 pub const MAX_BYTES_PER_CHAIN: u32 = 64 * 1024;
@@ -14,11 +16,13 @@ pub const MAX_BYTES_PER_CHAIN: u32 = 64 * 1024;
 ///
 /// Each descriptor chain may have any shape: one or many device-writable buffers, in
 /// any split. Read-only buffers carry nothing for this device and are skipped; a
-/// buffer outside guest memory ends that request with what was written so far.
+/// buffer outside guest memory ends that request with what was written so far. A
+/// chain with an indirect descriptor is a guest fault, returned unused.
 pub fn fill_chains(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
     source: &mut impl Read,
+    faults: &mut GuestFaults,
     max_chains: usize,
 ) -> (bool, bool) {
     let mut used_any = false;
@@ -31,7 +35,17 @@ pub fn fill_chains(
             break;
         }
         served += 1;
-        let Some(chain) = crate::devices::virtio::next_chain(queue, mem) else { break };
+        let chain = match next_chain(queue, mem) {
+            None => break,
+            Some(Avail::Chain(chain)) => chain,
+            Some(Avail::Indirect(head)) => {
+                if !return_indirect(queue, mem, head, faults) {
+                    break;
+                }
+                used_any = true;
+                continue;
+            }
+        };
         let head = chain.head_index();
         let mut written: u32 = 0;
         'descs: for desc in chain {
@@ -76,6 +90,7 @@ mod tests {
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
 
     /// A source that yields 0x5a forever.
     struct Fives;
@@ -104,7 +119,7 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         vq.add_desc_chains(&[desc(0x10_0000, 64, F_WRITE, 0)], 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        assert!(fill_chains(&mut q, &m, &mut Fives, 16).0);
+        assert!(fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 16).0);
         let mut out = [0u8; 64];
         m.read_slice(&mut out, GuestAddress(0x10_0000)).expect("read");
         assert_eq!(out, [0x5a; 64]);
@@ -126,7 +141,7 @@ mod tests {
         )
         .expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives, 16);
+        fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 16);
         assert_eq!(used_len(&m, &vq, 0), 4);
         let mut ro = [0u8; 8];
         m.read_slice(&mut ro, GuestAddress(0x10_1000)).expect("read");
@@ -140,7 +155,7 @@ mod tests {
         vq.add_desc_chains(&[desc(0x10_0000, 16, F_WRITE | F_NEXT, 1), desc(0xffff_0000, 16, F_WRITE, 0)], 0)
             .expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives, 16);
+        fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 16);
         assert_eq!(used_len(&m, &vq, 0), 16);
     }
 
@@ -152,7 +167,7 @@ mod tests {
         vq.add_desc_chains(&[desc(0x10_0000, 2, F_WRITE | F_NEXT, 1), desc(0x10_1000, 2, F_WRITE | F_NEXT, 0)], 0)
             .expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives, 16);
+        fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 16);
         // The chain walk stops after queue-size descriptors.
         assert!(used_len(&m, &vq, 0) <= 2 * 16);
     }
@@ -163,7 +178,7 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         vq.add_desc_chains(&[desc(0x10_0000, 1 << 20, F_WRITE, 0)], 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives, 16);
+        fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 16);
         assert_eq!(used_len(&m, &vq, 0), MAX_BYTES_PER_CHAIN);
     }
 
@@ -173,10 +188,29 @@ mod tests {
         let vq = MockSplitQueue::new(&m, 16);
         vq.add_desc_chains(&[desc(0x10_0000, 8, F_WRITE, 0), desc(0x10_1000, 32, F_WRITE, 0)], 0).expect("chains");
         let mut q: Queue = vq.create_queue().expect("queue");
-        fill_chains(&mut q, &m, &mut Fives, 16);
+        fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 16);
         assert_eq!(used_len(&m, &vq, 0), 8);
         assert_eq!(used_len(&m, &vq, 1), 32);
-        assert_eq!(fill_chains(&mut q, &m, &mut Fives, 16), (false, false), "nothing left, no interrupt");
+        assert_eq!(fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 16), (false, false), "nothing left, no interrupt");
+    }
+
+    #[test]
+    fn indirect_chains_are_refused() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        // An indirect table holding one device-writable 64-byte buffer, behind the
+        // first chain; a plain request after it.
+        m.write_obj(desc(0x10_0000, 64, F_WRITE, 0), GuestAddress(0x20_0000)).expect("indirect table");
+        vq.add_desc_chains(&[desc(0x20_0000, 16, F_INDIRECT, 0), desc(0x10_1000, 8, F_WRITE, 0)], 0).expect("chains");
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut faults = GuestFaults::new("test");
+        assert!(fill_chains(&mut q, &m, &mut Fives, &mut faults, 16).0, "the driver hears about both");
+        assert_eq!(used_len(&m, &vq, 0), 0, "returned unused");
+        let mut buf = [0u8; 64];
+        m.read_slice(&mut buf, GuestAddress(0x10_0000)).expect("read");
+        assert_eq!(buf, [0; 64], "the indirect table was not followed");
+        assert_eq!(used_len(&m, &vq, 1), 8, "the next request is still served");
+        assert_eq!(faults.count(), 1);
     }
 
     #[test]
@@ -186,7 +220,7 @@ mod tests {
         let descs: Vec<_> = (0..3).map(|i| desc(0x10_0000 + i * 0x1000, 8, F_WRITE, 0)).collect();
         vq.add_desc_chains(&descs, 0).expect("chains");
         let mut q: Queue = vq.create_queue().expect("queue");
-        assert_eq!(fill_chains(&mut q, &m, &mut Fives, 2), (true, true), "stops after 2, more left");
-        assert!(!fill_chains(&mut q, &m, &mut Fives, 2).1, "the third is served next time");
+        assert_eq!(fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 2), (true, true), "stops after 2, more left");
+        assert!(!fill_chains(&mut q, &m, &mut Fives, &mut GuestFaults::new("test"), 2).1, "the third is served next time");
     }
 }
