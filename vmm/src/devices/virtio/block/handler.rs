@@ -21,6 +21,13 @@ pub const SECTOR_SIZE: u64 = 512;
 /// request limits stay well below this.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 pub const ID_BYTES: usize = 20;
+/// Data segments per request the device accepts, advertised as `seg_max`
+/// (VIRTIO_BLK_F_SEG_MAX). Linux sizes its requests by it.
+pub const SEG_MAX: u32 = 128;
+/// Descriptors per request: `SEG_MAX` data segments, the header's and the status's
+/// (Linux's layout; `seg_max` counts data segments only). A longer chain is a guest
+/// fault, answered IOERR without touching the disk.
+pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
@@ -73,7 +80,7 @@ pub fn process_requests(
             }
         };
         let head = chain.head_index();
-        let written = serve(mem, chain, disk);
+        let written = serve(mem, chain, disk, faults);
         if queue.add_used(mem, head, written).is_err() {
             break;
         }
@@ -84,7 +91,8 @@ pub fn process_requests(
 
 /// Serves one request; returns the bytes written into guest buffers (used length).
 /// A chain too malformed to carry a status byte is returned with length 0.
-fn serve(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, disk: &Disk) -> u32 {
+fn serve(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, disk: &Disk, faults: &mut GuestFaults) -> u32 {
+    let descriptors = chain.clone().take(MAX_DESCRIPTORS + 1).count();
     let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
         return 0;
     };
@@ -94,6 +102,10 @@ fn serve(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, disk: 
     }
     // The status byte is the last writable byte; what precedes it is data space.
     let Ok(mut status_w) = writer.split_at(writable - 1) else { return 0 };
+    if descriptors > MAX_DESCRIPTORS {
+        faults.record(&format_args!("a request has more than the {SEG_MAX} data segments offered"));
+        return finish(&mut status_w, S_IOERR, 0);
+    }
     let hdr: RequestHeader = match reader.read_obj() {
         Ok(h) => h,
         Err(_) => return finish(&mut status_w, S_IOERR, 0),
@@ -332,6 +344,35 @@ mod tests {
         assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_0000)).expect("data"), 0, "no data read into it");
         assert_eq!(faults.count(), 1);
         let _ = std::fs::remove_file(path);
+    }
+
+    /// A read of the whole disk (8 sectors) into `segments` data buffers: all but the
+    /// last 8 bytes long, the last taking the rest. Returns (status, first data byte,
+    /// faults counted).
+    fn read_in_segments(segments: u16) -> (u8, u8, u64) {
+        let m = mem();
+        let (d, path) = disk(false);
+        header(&m, 0x10_0000, T_IN, 0);
+        m.write_obj(0xffu8, GuestAddress(0x40_0000)).expect("status");
+        let mut descs = vec![desc(0x10_0000, 16, F_NEXT, 1)];
+        for i in 0..segments {
+            let len = if i + 1 == segments { 4096 - 8 * (u32::from(segments) - 1) } else { 8 };
+            descs.push(desc(0x20_0000 + 0x1000 * u64::from(i), len, F_WRITE | F_NEXT, i + 2));
+        }
+        descs.push(desc(0x40_0000, 1, F_WRITE, 0));
+        let vq = MockSplitQueue::new(&m, 256);
+        vq.add_desc_chains(&descs, 0).expect("chain");
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut faults = GuestFaults::new("test");
+        process_requests(&mut q, &m, &d, &mut faults, 16);
+        let _ = std::fs::remove_file(path);
+        (status(&m, 0x40_0000), m.read_obj(GuestAddress(0x20_0000)).expect("data"), faults.count())
+    }
+
+    #[test]
+    fn seg_max_is_enforced() {
+        assert_eq!(read_in_segments(SEG_MAX as u16), (S_OK, 1, 0), "seg_max segments are served");
+        assert_eq!(read_in_segments(SEG_MAX as u16 + 1), (S_IOERR, 0, 1), "one more is a fault, the disk untouched");
     }
 
     #[test]
