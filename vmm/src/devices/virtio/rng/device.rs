@@ -6,7 +6,7 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::handler::fill_chains;
+use super::handler::{fill_chains, Budget};
 use crate::devices::virtio::{ActivateError, Activation, GuestFaults, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
 
 const TYPE_RNG: u32 = 4;
@@ -48,7 +48,7 @@ impl VirtioDevice for Rng {
 
     fn process_queue(&mut self, index: usize) -> bool {
         let (0, Some((mem, queue, irq))) = (index, self.active.as_mut()) else { return false };
-        let (interrupt, more) = fill_chains(queue, mem, &mut self.source, &mut self.faults, usize::from(queue.size()));
+        let (interrupt, more) = fill_chains(queue, mem, &mut self.source, &mut self.faults, Budget::round(queue.size()));
         if interrupt {
             irq.trigger(INT_VRING);
         }
