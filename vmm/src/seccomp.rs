@@ -422,7 +422,7 @@ mod tests {
         let (frontend, backend) = UnixStream::pair().expect("vhost-user stand-in");
         let evt = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let path = uds.clone();
-        let mut muxer = Muxer::new(&path, 3).expect("muxer");
+        let mut muxer = Muxer::new(&path, 3, crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS).expect("muxer");
         let result = confined(main_rules, move || -> Result<(), String> {
             let hdr = |op, src_port, dst_port| VsockHeader {
                 src_cid: 3,
@@ -436,7 +436,7 @@ mod tests {
             };
             let pump = |m: &mut Muxer| {
                 for (fd, r, w) in m.fds() {
-                    m.ready(fd, r, w);
+                    m.ready(fd, crate::devices::virtio::Readiness { readable: r, writable: w, hangup: false });
                 }
             };
             // Host-initiated: a client connects and asks for guest port 1024.

@@ -190,6 +190,18 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// What poll reported for one of a device's backend fds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Data (or end of file) to read.
+    pub readable: bool,
+    /// Room to write.
+    pub writable: bool,
+    /// The peer hung up (POLLHUP) or the fd has an error pending (POLLERR); reported
+    /// whatever the device asked for.
+    pub hangup: bool,
+}
+
 pub trait VirtioDevice: Send {
     /// virtio device type (4 = entropy, 19 = vsock, ...).
     fn device_type(&self) -> u32;
@@ -212,12 +224,23 @@ pub trait VirtioDevice: Send {
     /// Stops serving and drops the queues (driver wrote 0 to Status).
     fn reset(&mut self);
     /// Host-side file descriptors to poll while active: (fd, want read, want write).
+    /// Every fd listed is watched for hangup and errors, even one that wants neither.
     fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, bool, bool)> {
         Vec::new()
     }
     /// One of `backend_fds` is ready. Returns true if queue work is left over (as for
     /// `process_queue`).
-    fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _readable: bool, _writable: bool) -> bool {
+    fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _ready: Readiness) -> bool {
+        false
+    }
+    /// When the device must be called back even if nothing is ready (a timeout of its
+    /// own), if ever.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// The `deadline` has come. Returns true if queue work is left over (as for
+    /// `process_queue`).
+    fn on_deadline(&mut self, _now: Instant) -> bool {
         false
     }
     /// Offered the eventfds KVM signals when the driver notifies each queue; returns

@@ -3,6 +3,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -10,8 +11,8 @@ use vm_memory::GuestMemoryMmap;
 use super::muxer::Muxer;
 use super::packet::{self, OP_RW};
 use crate::devices::virtio::{
-    next_chain, read_config_bytes, return_indirect, ActivateError, Activation, Avail, GuestFaults, IrqLine, VirtioDevice,
-    INT_VRING, VIRTIO_F_VERSION_1,
+    next_chain, read_config_bytes, return_indirect, ActivateError, Activation, Avail, GuestFaults, IrqLine, Readiness,
+    VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
 };
 
 const TYPE_VSOCK: u32 = 19;
@@ -204,9 +205,19 @@ impl VirtioDevice for Vsock {
         self.muxer.fds()
     }
 
-    fn backend_ready(&mut self, fd: RawFd, readable: bool, writable: bool) -> bool {
-        self.muxer.ready(fd, readable, writable);
+    fn backend_ready(&mut self, fd: RawFd, ready: Readiness) -> bool {
+        self.muxer.ready(fd, ready);
         // "More" brings the device back through its RX queue, which resumes TX.
+        self.deliver_rx() || self.tx_resumable()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.muxer.deadline()
+    }
+
+    fn on_deadline(&mut self, now: Instant) -> bool {
+        self.muxer.on_deadline(now);
+        // A reaped connection's RST goes to the guest like any other packet.
         self.deliver_rx() || self.tx_resumable()
     }
 }
@@ -288,7 +299,7 @@ mod tests {
         let event = GuestQueue::new(&mem, 0x2_0000);
         let path = std::env::temp_dir().join(format!("moat-vsock-dev-indirect-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let mut dev = Vsock::new(3, Muxer::new(&path, 3).expect("muxer"));
+        let mut dev = Vsock::new(3, Muxer::new(&path, 3, crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS).expect("muxer"));
         let queues = vec![rx.queue(), tx.queue(), event.queue()];
         let irq = Arc::new(IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
         dev.activate(Activation { mem: mem.clone(), queues, irq }).expect("activate");
@@ -317,6 +328,42 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_the_guest_never_answers_is_reaped_on_the_device_deadline() {
+        use std::io::{Read, Write};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mut rx = GuestQueue::new(&mem, 0);
+        let tx = GuestQueue::new(&mem, 0x1_0000);
+        let event = GuestQueue::new(&mem, 0x2_0000);
+        let path = std::env::temp_dir().join(format!("moat-vsock-dev-deadline-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut dev = Vsock::new(3, Muxer::new(&path, 3, crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS).expect("muxer"));
+        let queues = vec![rx.queue(), tx.queue(), event.queue()];
+        let irq = Arc::new(IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+        dev.activate(Activation { mem: mem.clone(), queues, irq }).expect("activate");
+        let mut host = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        host.write_all(b"CONNECT 1024\n").expect("CONNECT");
+        // The main loop: the listener, then the handshake.
+        for _ in 0..2 {
+            for (fd, r, w) in dev.backend_fds() {
+                dev.backend_ready(fd, Readiness { readable: r, writable: w, hangup: false });
+            }
+        }
+        assert_eq!(dev.deadline(), None, "the REQUEST waits for RX buffers");
+        rx.refill(|slot: u16| (0x20_0000 + 0x100 * u64::from(slot), 0x100, F_WRITE));
+        dev.process_queue(RX);
+        let request: VsockHeader = mem.read_obj(GuestAddress(0x20_0000)).expect("rx hdr");
+        assert_eq!({ request.op }, OP_REQUEST);
+        let due = dev.deadline().expect("a time for the guest to answer");
+        dev.on_deadline(due);
+        let rst: VsockHeader = mem.read_obj(GuestAddress(0x20_0100)).expect("rx hdr");
+        assert_eq!(({ rst.op }, { rst.src_port }), (OP_RST, { request.src_port }), "the guest is told");
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).expect("EOF for the host");
+        assert!(rest.is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
     fn a_guest_that_never_reads_cannot_grow_the_rx_backlog() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
         let mut rx = GuestQueue::new(&mem, 0);
@@ -324,7 +371,7 @@ mod tests {
         let event = GuestQueue::new(&mem, 0x2_0000);
         let path = std::env::temp_dir().join(format!("moat-vsock-dev-backlog-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let mut dev = Vsock::new(3, Muxer::new(&path, 3).expect("muxer"));
+        let mut dev = Vsock::new(3, Muxer::new(&path, 3, crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS).expect("muxer"));
         let queues = vec![rx.queue(), tx.queue(), event.queue()];
         let irq = Arc::new(IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
         dev.activate(Activation { mem: mem.clone(), queues, irq }).expect("activate");
