@@ -387,7 +387,9 @@ fn vsock_both_directions() {
     send_signal(pid, libc::SIGTERM);
     let status = wait_with_timeout(&mut child, Duration::from_secs(30)).expect("VMM stops on SIGTERM");
     assert_eq!(status.code(), Some(143));
-    assert!(!uds.exists(), "the VMM removes its vsock socket");
+    // A confined VMM may not unlink: its socket is for whoever made the directory
+    // to remove (the shim and `moat run` remove their whole state dir).
+    assert!(uds.exists(), "the VMM leaves its vsock socket behind");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -17,7 +17,7 @@ use crate::devices::virtio::mmio::{self, MmioTransport};
 use crate::devices::virtio::block::{Block, BlockError};
 use crate::devices::virtio::fs::{self, Fs, FsError};
 use crate::devices::virtio::rng::Rng;
-use crate::devices::virtio::vsock::muxer::{Muxer, MuxerError};
+use crate::devices::virtio::vsock::muxer::{self, Muxer, MuxerError};
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{IrqLine, VirtioDevice};
 use crate::devices::StopSink;
@@ -114,7 +114,8 @@ impl TryFrom<VmConfig> for Microvm {
             devices.push(Box::new(Block::new(&d.path, d.read_only, &format!("moat-disk{i}"))?));
         }
         if let Some(v) = &config.vsock {
-            devices.push(Box::new(Vsock::new(v.cid, Muxer::new(&v.uds_path, v.cid)?)));
+            let max_connections = muxer::raise_fd_limit();
+            devices.push(Box::new(Vsock::new(v.cid, Muxer::new(&v.uds_path, v.cid, max_connections)?)));
         }
         for d in fs_devices {
             devices.push(Box::new(d));

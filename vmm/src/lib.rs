@@ -24,6 +24,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 pub use builder::BuildError;
 pub use devices::legacy::{BootTimes, SerialSink};
 pub use devices::StopReason;
+use devices::virtio::Readiness;
 use devices::StopSink;
 
 static STARTED: OnceLock<Instant> = OnceLock::new();
@@ -194,21 +195,31 @@ enum Source {
 }
 
 /// One round of the main loop, which is also the device thread: waits for a stop
-/// request, a signal, a virtio queue notification (ioeventfd) or a device backend's
-/// host socket, and serves what is ready under the device's lock.
+/// request, a signal, a virtio queue notification (ioeventfd), a device backend's
+/// host socket or a device's own deadline, and serves what is ready under the
+/// device's lock.
 fn poll_devices(virtio: &[VirtioSlot], sink: &StopSink, sfd: &SignalFd) -> Result<(), nix::Error> {
     let mut sources = vec![Source::Stop, Source::Signals];
     let mut fds = vec![
         PollFd::new(event_fd_borrow(sink.event_fd()), PollFlags::POLLIN),
         PollFd::new(sfd.as_fd(), PollFlags::POLLIN),
     ];
+    let mut deadline: Option<Instant> = None;
     for (d, slot) in virtio.iter().enumerate() {
         for (q, evt) in slot.queue_evts.iter().enumerate() {
             sources.push(Source::Queue(d, q));
             fds.push(PollFd::new(event_fd_borrow(evt), PollFlags::POLLIN));
         }
-        let backend = slot.transport.lock().unwrap_or_else(|p| p.into_inner()).backend_fds();
-        for (fd, read, write) in backend.into_iter().filter(|(_, r, w)| *r || *w) {
+        let (backend, due) = {
+            let t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+            (t.backend_fds(), t.deadline())
+        };
+        deadline = match (deadline, due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        // An fd that wants neither is still polled: poll always reports a hangup.
+        for (fd, read, write) in backend {
             let mut flags = PollFlags::empty();
             flags.set(PollFlags::POLLIN, read);
             flags.set(PollFlags::POLLOUT, write);
@@ -220,7 +231,7 @@ fn poll_devices(virtio: &[VirtioSlot], sink: &StopSink, sfd: &SignalFd) -> Resul
             fds.push(PollFd::new(unsafe { BorrowedFd::borrow_raw(fd) }, flags));
         }
     }
-    poll(&mut fds, PollTimeout::NONE)?;
+    poll(&mut fds, poll_timeout(deadline, Instant::now()))?;
     let revents: Vec<PollFlags> = fds.iter().map(|f| f.revents().unwrap_or(PollFlags::empty())).collect();
     drop(fds);
     for (source, ev) in sources.iter().zip(revents) {
@@ -246,26 +257,51 @@ fn poll_devices(virtio: &[VirtioSlot], sink: &StopSink, sfd: &SignalFd) -> Resul
                 }
             }
             Source::Backend(d, fd) => {
-                let readable = ev.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR);
-                let writable = ev.intersects(PollFlags::POLLOUT | PollFlags::POLLERR);
+                let ready = Readiness {
+                    readable: ev.contains(PollFlags::POLLIN),
+                    writable: ev.contains(PollFlags::POLLOUT),
+                    hangup: ev.intersects(PollFlags::POLLHUP | PollFlags::POLLERR),
+                };
                 if !ev.contains(PollFlags::POLLNVAL) {
-                    let more = virtio[d]
-                        .transport
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .backend_ready(fd, readable, writable);
+                    let more = virtio[d].transport.lock().unwrap_or_else(|p| p.into_inner()).backend_ready(fd, ready);
                     if more {
-                        // RX buffers ran out of budget this round: the RX queue's
-                        // eventfd brings the device back.
-                        if let Some(evt) = virtio[d].queue_evts.first() {
-                            let _ = evt.write(1);
-                        }
+                        come_back(&virtio[d]);
                     }
                 }
             }
         }
     }
+    if deadline.is_some_and(|d| d <= Instant::now()) {
+        let now = Instant::now();
+        for slot in virtio {
+            let more = {
+                let mut t = slot.transport.lock().unwrap_or_else(|p| p.into_inner());
+                t.deadline().is_some_and(|d| d <= now) && t.on_deadline(now)
+            };
+            if more {
+                come_back(slot);
+            }
+        }
+    }
     Ok(())
+}
+
+/// A device left queue work after serving a backend fd or a deadline (RX buffers ran
+/// out of budget this round): the RX queue's eventfd brings it back.
+fn come_back(slot: &VirtioSlot) {
+    if let Some(evt) = slot.queue_evts.first() {
+        let _ = evt.write(1);
+    }
+}
+
+/// How long poll may wait at `now` for an fd before the earliest device deadline:
+/// whole milliseconds, rounded up so that it never wakes just before the deadline
+/// and spins.
+fn poll_timeout(deadline: Option<Instant>, now: Instant) -> PollTimeout {
+    let Some(deadline) = deadline else { return PollTimeout::NONE };
+    let left = deadline.saturating_duration_since(now);
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }
 
 /// An `EventFd` as a borrowed fd (vmm-sys-util's type only offers the raw fd).
@@ -297,5 +333,21 @@ fn stop_vcpus(running: &AtomicBool, threads: Vec<JoinHandle<()>>) {
         } else {
             log::warn!("a vCPU thread did not stop within {VCPU_STOP_DEADLINE:?}; leaving it to process exit");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poll_waits_until_the_earliest_deadline_and_no_less() {
+        let now = Instant::now();
+        let at = |d: Duration| poll_timeout(Some(now + d), now).as_millis();
+        assert_eq!(poll_timeout(None, now), PollTimeout::NONE, "no deadline: wait for an fd");
+        assert_eq!(poll_timeout(Some(now), now + Duration::from_secs(1)), PollTimeout::ZERO, "past: do not wait");
+        assert_eq!(at(Duration::from_micros(100)), Some(1), "part of a millisecond rounds up, so poll never wakes early");
+        assert_eq!(at(Duration::from_micros(2_001)), Some(3));
+        assert_eq!(at(Duration::from_secs(3600)), Some(3_600_000));
     }
 }

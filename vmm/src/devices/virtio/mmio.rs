@@ -109,16 +109,30 @@ impl MmioTransport {
         }
     }
 
-    pub fn backend_ready(&mut self, fd: std::os::fd::RawFd, readable: bool, writable: bool) -> bool {
+    pub fn backend_ready(&mut self, fd: std::os::fd::RawFd, ready: super::Readiness) -> bool {
         if !self.active && !self.device.polled_while_inactive() {
             return false;
         }
-        let more = self.device.backend_ready(fd, readable, writable);
+        let more = self.device.backend_ready(fd, ready);
         if self.active && self.status & STATUS_NEEDS_RESET == 0 && self.device.needs_reset() {
             self.status |= STATUS_NEEDS_RESET;
             self.irq.trigger(super::INT_CONFIG);
         }
         self.active && more
+    }
+
+    /// When the live device wants to be called back without any fd being ready.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        if self.active {
+            self.device.deadline()
+        } else {
+            None
+        }
+    }
+
+    /// The device's deadline has come. Returns true if it left queue work.
+    pub fn on_deadline(&mut self, now: std::time::Instant) -> bool {
+        self.active && self.device.on_deadline(now)
     }
 
     fn selected(&mut self) -> Option<&mut Queue> {

@@ -13,24 +13,110 @@ pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-/// The next available descriptor chain of `queue`, or None when the ring is empty or
-/// its index cannot be read (the guest broke it; the device then serves nothing).
-pub fn next_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Option<virtio_queue::DescriptorChain<&'a GuestMemoryMmap>> {
+/// The next available request on a queue, as a device may serve it.
+pub enum Avail<'a> {
+    /// A chain to serve.
+    Chain(virtio_queue::DescriptorChain<&'a GuestMemoryMmap>),
+    /// The head index of a chain that uses an indirect descriptor table. moat never
+    /// offers VIRTIO_RING_F_INDIRECT_DESC, so this is a guest fault: the device does
+    /// not follow it and returns it unused (used length 0), as it does any chain too
+    /// malformed to answer.
+    Indirect(u16),
+}
+
+/// The next available request of `queue`, or None when the ring is empty or its
+/// index cannot be read (the guest broke it; the device then serves nothing).
+pub fn next_chain<'a>(queue: &mut Queue, mem: &'a GuestMemoryMmap) -> Option<Avail<'a>> {
     use virtio_queue::QueueOwnedT;
-    match queue.iter(mem) {
-        Ok(mut it) => it.next(),
+    let chain = match queue.iter(mem) {
+        Ok(mut it) => it.next()?,
         Err(e) => {
             log::debug!("virtio: avail ring unreadable: {e}");
-            None
+            return None;
         }
+    };
+    let head = chain.head_index();
+    Some(if uses_indirect(queue, mem, head) { Avail::Indirect(head) } else { Avail::Chain(chain) })
+}
+
+/// Returns a chain refused as `Avail::Indirect` to the driver unused, and counts the
+/// fault. False if the used ring cannot be written (the queue is then broken).
+pub fn return_indirect(queue: &mut Queue, mem: &GuestMemoryMmap, head: u16, faults: &mut GuestFaults) -> bool {
+    faults.record(&"a request uses an indirect descriptor table, which was never offered");
+    match queue.add_used(mem, head, 0) {
+        Ok(()) => true,
+        Err(e) => {
+            log::debug!("virtio: cannot return request {head}: {e}");
+            false
+        }
+    }
+}
+
+const DESC_F_NEXT: u16 = 1;
+const DESC_F_INDIRECT: u16 = 4;
+
+/// Whether the chain starting at `head` reaches a descriptor marked INDIRECT. Walks
+/// the descriptor table as virtio-queue's chain iterator does (at most queue-size
+/// descriptors, stopping at an index past the table or a descriptor it cannot read),
+/// which switches to an indirect table silently: this is the only place to refuse one.
+fn uses_indirect(queue: &Queue, mem: &GuestMemoryMmap, head: u16) -> bool {
+    use vm_memory::{Bytes, GuestAddress};
+    let table = GuestAddress(queue.desc_table());
+    let size = queue.size();
+    let mut index = head;
+    for _ in 0..size {
+        if index >= size {
+            return false;
+        }
+        let Some(addr) = table.0.checked_add(u64::from(index) * 16) else { return false };
+        let Ok(desc) = mem.read_obj::<virtio_queue::desc::split::Descriptor>(GuestAddress(addr)) else { return false };
+        if desc.flags() & DESC_F_INDIRECT != 0 {
+            return true;
+        }
+        if desc.flags() & DESC_F_NEXT == 0 {
+            return false;
+        }
+        index = desc.next();
+    }
+    false
+}
+
+/// How often a device logs the guest faults it counts: a guest can fault at will, and
+/// must not fill the host's logs doing so.
+const FAULT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A device's count of guest faults: requests it refused because the driver broke the
+/// rules (an indirect chain, more segments than offered). Each is counted; at most
+/// one line per `FAULT_LOG_INTERVAL` is logged, with the count so far.
+pub struct GuestFaults {
+    device: &'static str,
+    count: u64,
+    last_log: Option<Instant>,
+}
+
+impl GuestFaults {
+    pub fn new(device: &'static str) -> GuestFaults {
+        GuestFaults { device, count: 0, last_log: None }
+    }
+
+    pub fn record(&mut self, what: &dyn std::fmt::Display) {
+        self.count += 1;
+        let now = Instant::now();
+        if self.last_log.is_none_or(|t| now.duration_since(t) >= FAULT_LOG_INTERVAL) {
+            self.last_log = Some(now);
+            log::warn!("{}: guest fault: {what} ({} so far; logged at most every {FAULT_LOG_INTERVAL:?})", self.device, self.count);
+        }
+    }
+
+    /// Faults counted since the device was created.
+    pub fn count(&self) -> u64 {
+        self.count
     }
 }
 
@@ -104,6 +190,18 @@ pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     }
 }
 
+/// What poll reported for one of a device's backend fds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Readiness {
+    /// Data (or end of file) to read.
+    pub readable: bool,
+    /// Room to write.
+    pub writable: bool,
+    /// The peer hung up (POLLHUP) or the fd has an error pending (POLLERR); reported
+    /// whatever the device asked for.
+    pub hangup: bool,
+}
+
 pub trait VirtioDevice: Send {
     /// virtio device type (4 = entropy, 19 = vsock, ...).
     fn device_type(&self) -> u32;
@@ -126,12 +224,23 @@ pub trait VirtioDevice: Send {
     /// Stops serving and drops the queues (driver wrote 0 to Status).
     fn reset(&mut self);
     /// Host-side file descriptors to poll while active: (fd, want read, want write).
+    /// Every fd listed is watched for hangup and errors, even one that wants neither.
     fn backend_fds(&self) -> Vec<(std::os::fd::RawFd, bool, bool)> {
         Vec::new()
     }
     /// One of `backend_fds` is ready. Returns true if queue work is left over (as for
     /// `process_queue`).
-    fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _readable: bool, _writable: bool) -> bool {
+    fn backend_ready(&mut self, _fd: std::os::fd::RawFd, _ready: Readiness) -> bool {
+        false
+    }
+    /// When the device must be called back even if nothing is ready (a timeout of its
+    /// own), if ever.
+    fn deadline(&self) -> Option<Instant> {
+        None
+    }
+    /// The `deadline` has come. Returns true if queue work is left over (as for
+    /// `process_queue`).
+    fn on_deadline(&mut self, _now: Instant) -> bool {
         false
     }
     /// Offered the eventfds KVM signals when the driver notifies each queue; returns
@@ -156,6 +265,46 @@ pub trait VirtioDevice: Send {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use virtio_queue::desc::{split::Descriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+    }
+
+    /// What `next_chain` makes of the one chain `descs` describe.
+    fn classify(descs: &[RawDescriptor]) -> Option<u16> {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.add_desc_chains(descs, 0).expect("chain");
+        let mut q: Queue = vq.create_queue().expect("queue");
+        match next_chain(&mut q, &m).expect("a request") {
+            Avail::Chain(_) => None,
+            Avail::Indirect(head) => Some(head),
+        }
+    }
+
+    #[test]
+    fn indirect_descriptors_are_found_anywhere_in_a_chain() {
+        assert_eq!(classify(&[desc(0x8000, 16, DESC_F_INDIRECT, 0)]), Some(0));
+        // Behind two plain descriptors.
+        let tail = [desc(0x8000, 8, DESC_F_NEXT, 1), desc(0x9000, 8, DESC_F_NEXT, 2), desc(0xa000, 16, DESC_F_INDIRECT, 0)];
+        assert_eq!(classify(&tail), Some(0));
+        // Plain chains, a loop and a next index past the table included, are not.
+        assert_eq!(classify(&[desc(0x8000, 8, DESC_F_NEXT, 1), desc(0x9000, 8, 0, 0)]), None);
+        assert_eq!(classify(&[desc(0x8000, 8, DESC_F_NEXT, 1), desc(0x9000, 8, DESC_F_NEXT, 0)]), None);
+        assert_eq!(classify(&[desc(0x8000, 8, DESC_F_NEXT, 200)]), None);
+    }
+
+    #[test]
+    fn faults_are_counted() {
+        let mut f = GuestFaults::new("test");
+        for _ in 0..1000 {
+            f.record(&"a fault");
+        }
+        assert_eq!(f.count(), 1000);
+    }
 
     #[test]
     fn config_reads_past_the_end_are_zero() {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::handler::{process_requests, Disk, ID_BYTES, SECTOR_SIZE};
+use super::handler::{process_requests, Disk, ID_BYTES, SECTOR_SIZE, SEG_MAX};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+    read_config_bytes, ActivateError, Activation, GuestFaults, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
 };
 
 const TYPE_BLOCK: u32 = 2;
@@ -18,8 +18,6 @@ const QUEUE_SIZES: &[u16] = &[256];
 const F_SEG_MAX: u32 = 2;
 const F_RO: u32 = 5;
 const F_FLUSH: u32 = 9;
-/// Segments per request we accept (config `seg_max`).
-const SEG_MAX: u32 = 128;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
@@ -33,6 +31,7 @@ pub struct Block {
     disk: Disk,
     config: [u8; 24],
     live: Option<(GuestMemoryMmap, Queue, Arc<IrqLine>)>,
+    faults: GuestFaults,
 }
 
 impl Block {
@@ -57,7 +56,12 @@ impl Block {
         let mut config = [0u8; 24];
         config[0..8].copy_from_slice(&capacity_sectors.to_le_bytes());
         config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        Ok(Block { disk: Disk { file, capacity_sectors, read_only, id: ident }, config, live: None })
+        Ok(Block {
+            disk: Disk { file, capacity_sectors, read_only, id: ident },
+            config,
+            live: None,
+            faults: GuestFaults::new("virtio-blk"),
+        })
     }
 }
 
@@ -86,7 +90,7 @@ impl VirtioDevice for Block {
 
     fn process_queue(&mut self, index: usize) -> bool {
         let (0, Some((mem, queue, irq))) = (index, self.live.as_mut()) else { return false };
-        let (interrupt, more) = process_requests(queue, mem, &self.disk, usize::from(queue.size()));
+        let (interrupt, more) = process_requests(queue, mem, &self.disk, &mut self.faults, usize::from(queue.size()));
         if interrupt {
             irq.trigger(INT_VRING);
         }
@@ -95,5 +99,22 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.live = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seg_max_is_advertised() {
+        let path = std::env::temp_dir().join(format!("moat-blk-dev-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 4096]).expect("disk file");
+        let b = Block::new(&path, false, "moat-disk0").expect("device");
+        let _ = std::fs::remove_file(&path);
+        assert_ne!(b.features() & (1 << F_SEG_MAX), 0, "VIRTIO_BLK_F_SEG_MAX offered");
+        let mut seg_max = [0u8; 4];
+        b.read_config(12, &mut seg_max);
+        assert_eq!(u32::from_le_bytes(seg_max), SEG_MAX, "the limit the handler enforces");
     }
 }

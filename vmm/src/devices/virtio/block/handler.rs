@@ -14,13 +14,20 @@ use std::os::unix::fs::FileExt;
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vm_memory::{ByteValued, GuestMemoryMmap};
 
-use crate::devices::virtio::next_chain;
+use crate::devices::virtio::{next_chain, return_indirect, Avail, GuestFaults};
 
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest data transfer per request; larger ones fail with IOERR. Linux's default
 /// request limits stay well below this.
 pub const MAX_REQUEST_BYTES: usize = 4 << 20;
 pub const ID_BYTES: usize = 20;
+/// Data segments per request the device accepts, advertised as `seg_max`
+/// (VIRTIO_BLK_F_SEG_MAX). Linux sizes its requests by it.
+pub const SEG_MAX: u32 = 128;
+/// Descriptors per request: `SEG_MAX` data segments, the header's and the status's
+/// (Linux's layout; `seg_max` counts data segments only). A longer chain is a guest
+/// fault, answered IOERR without touching the disk.
+pub const MAX_DESCRIPTORS: usize = SEG_MAX as usize + 2;
 
 pub const T_IN: u32 = 0;
 pub const T_OUT: u32 = 1;
@@ -50,15 +57,30 @@ pub struct Disk {
     pub id: [u8; ID_BYTES],
 }
 
-/// Serves up to `max_chains` requests; returns (interrupt needed, more waiting).
-pub fn process_requests(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk, max_chains: usize) -> (bool, bool) {
+/// Serves up to `max_chains` requests; returns (interrupt needed, more waiting). A
+/// chain with an indirect descriptor is a guest fault, returned unused.
+pub fn process_requests(
+    queue: &mut Queue,
+    mem: &GuestMemoryMmap,
+    disk: &Disk,
+    faults: &mut GuestFaults,
+    max_chains: usize,
+) -> (bool, bool) {
     let mut used_any = false;
     for _ in 0..max_chains {
-        let Some(chain) = next_chain(queue, mem) else {
-            return (used_any && queue.needs_notification(mem).unwrap_or(true), false);
+        let chain = match next_chain(queue, mem) {
+            None => return (used_any && queue.needs_notification(mem).unwrap_or(true), false),
+            Some(Avail::Chain(chain)) => chain,
+            Some(Avail::Indirect(head)) => {
+                if !return_indirect(queue, mem, head, faults) {
+                    break;
+                }
+                used_any = true;
+                continue;
+            }
         };
         let head = chain.head_index();
-        let written = serve(mem, chain, disk);
+        let written = serve(mem, chain, disk, faults);
         if queue.add_used(mem, head, written).is_err() {
             break;
         }
@@ -69,7 +91,8 @@ pub fn process_requests(queue: &mut Queue, mem: &GuestMemoryMmap, disk: &Disk, m
 
 /// Serves one request; returns the bytes written into guest buffers (used length).
 /// A chain too malformed to carry a status byte is returned with length 0.
-fn serve(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, disk: &Disk) -> u32 {
+fn serve(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, disk: &Disk, faults: &mut GuestFaults) -> u32 {
+    let descriptors = chain.clone().take(MAX_DESCRIPTORS + 1).count();
     let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
         return 0;
     };
@@ -79,6 +102,10 @@ fn serve(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>, disk: 
     }
     // The status byte is the last writable byte; what precedes it is data space.
     let Ok(mut status_w) = writer.split_at(writable - 1) else { return 0 };
+    if descriptors > MAX_DESCRIPTORS {
+        faults.record(&format_args!("a request has more than the {SEG_MAX} data segments offered"));
+        return finish(&mut status_w, S_IOERR, 0);
+    }
     let hdr: RequestHeader = match reader.read_obj() {
         Ok(h) => h,
         Err(_) => return finish(&mut status_w, S_IOERR, 0),
@@ -168,6 +195,7 @@ mod tests {
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
 
     fn mem() -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem")
@@ -200,7 +228,7 @@ mod tests {
         let vq = MockSplitQueue::new(m, 16);
         vq.add_desc_chains(descs, 0).expect("chain");
         let mut q: Queue = vq.create_queue().expect("queue");
-        process_requests(&mut q, m, d, 16);
+        process_requests(&mut q, m, d, &mut GuestFaults::new("test"), 16);
         m.read_obj::<u32>(GuestAddress(vq.used_addr().0 + 4 + 4)).expect("used len")
     }
 
@@ -293,6 +321,58 @@ mod tests {
         let descs = [desc(0x10_0000, 16, F_NEXT, 1), desc(0xfff0_0000, 512, F_WRITE | F_NEXT, 2), desc(0x40_0000, 1, F_WRITE, 0)];
         run(&m, &descs, &d);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn indirect_chains_are_refused() {
+        let m = mem();
+        let (d, path) = disk(false);
+        header(&m, 0x10_0000, T_IN, 2);
+        m.write_obj(0xffu8, GuestAddress(0x40_0000)).expect("status");
+        // A whole read request in an indirect table (indices are the table's own).
+        let table = [desc(0x10_0000, 16, F_NEXT, 1), desc(0x20_0000, 512, F_WRITE | F_NEXT, 2), desc(0x40_0000, 1, F_WRITE, 0)];
+        for (i, t) in table.iter().enumerate() {
+            m.write_obj(*t, GuestAddress(0x50_0000 + 16 * i as u64)).expect("indirect table");
+        }
+        let vq = MockSplitQueue::new(&m, 16);
+        vq.add_desc_chains(&[desc(0x50_0000, 48, F_INDIRECT, 0)], 0).expect("chain");
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut faults = GuestFaults::new("test");
+        assert_eq!(process_requests(&mut q, &m, &d, &mut faults, 16), (true, false));
+        assert_eq!(m.read_obj::<u32>(GuestAddress(vq.used_addr().0 + 4 + 4)).expect("used len"), 0, "returned unused");
+        assert_eq!(status(&m, 0x40_0000), 0xff, "no status written");
+        assert_eq!(m.read_obj::<u8>(GuestAddress(0x20_0000)).expect("data"), 0, "no data read into it");
+        assert_eq!(faults.count(), 1);
+        let _ = std::fs::remove_file(path);
+    }
+
+    /// A read of the whole disk (8 sectors) into `segments` data buffers: all but the
+    /// last 8 bytes long, the last taking the rest. Returns (status, first data byte,
+    /// faults counted).
+    fn read_in_segments(segments: u16) -> (u8, u8, u64) {
+        let m = mem();
+        let (d, path) = disk(false);
+        header(&m, 0x10_0000, T_IN, 0);
+        m.write_obj(0xffu8, GuestAddress(0x40_0000)).expect("status");
+        let mut descs = vec![desc(0x10_0000, 16, F_NEXT, 1)];
+        for i in 0..segments {
+            let len = if i + 1 == segments { 4096 - 8 * (u32::from(segments) - 1) } else { 8 };
+            descs.push(desc(0x20_0000 + 0x1000 * u64::from(i), len, F_WRITE | F_NEXT, i + 2));
+        }
+        descs.push(desc(0x40_0000, 1, F_WRITE, 0));
+        let vq = MockSplitQueue::new(&m, 256);
+        vq.add_desc_chains(&descs, 0).expect("chain");
+        let mut q: Queue = vq.create_queue().expect("queue");
+        let mut faults = GuestFaults::new("test");
+        process_requests(&mut q, &m, &d, &mut faults, 16);
+        let _ = std::fs::remove_file(path);
+        (status(&m, 0x40_0000), m.read_obj(GuestAddress(0x20_0000)).expect("data"), faults.count())
+    }
+
+    #[test]
+    fn seg_max_is_enforced() {
+        assert_eq!(read_in_segments(SEG_MAX as u16), (S_OK, 1, 0), "seg_max segments are served");
+        assert_eq!(read_in_segments(SEG_MAX as u16 + 1), (S_IOERR, 0, 1), "one more is a fault, the disk untouched");
     }
 
     #[test]

@@ -24,7 +24,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::eventfd::EventFd;
 
 use super::vhost_user::{Backend, QueueFds, Ring};
-use crate::devices::virtio::{read_config_bytes, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, Activation, IrqLine, Readiness, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+};
 
 pub const TYPE_FS: u32 = 26;
 /// hiprio and one request queue. virtiofsd accepts rings up to 1024 entries.
@@ -261,8 +263,9 @@ impl VirtioDevice for Fs {
         fds
     }
 
-    fn backend_ready(&mut self, fd: RawFd, readable: bool, _writable: bool) -> bool {
-        if !readable {
+    fn backend_ready(&mut self, fd: RawFd, ready: Readiness) -> bool {
+        // Every fd here is polled for reading; for the socket, a hangup means the same.
+        if !ready.readable && !ready.hangup {
             return false;
         }
         if fd == self.pending.as_raw_fd() {
@@ -345,7 +348,7 @@ mod tests {
         let fds = d.backend_fds();
         assert_eq!(fds.len(), 2, "pending eventfd and the socket");
         // The fake backend has gone: the socket polls readable.
-        d.backend_ready(fds[1].0, true, false);
+        d.backend_ready(fds[1].0, Readiness { readable: true, ..Default::default() });
         assert!(d.needs_reset());
         assert_eq!(d.backend_fds().len(), 1, "the socket is no longer polled");
         // Activation is refused from now on.
@@ -355,7 +358,7 @@ mod tests {
         assert!(matches!(d.activate(Activation { mem, queues, irq }), Err(ActivateError::Backend(_))));
         // A reset with nothing running is harmless.
         d.reset();
-        d.backend_ready(d.pending.as_raw_fd(), true, false);
+        d.backend_ready(d.pending.as_raw_fd(), Readiness { readable: true, ..Default::default() });
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
-use super::handler::fill_chains;
-use crate::devices::virtio::{ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use super::handler::{fill_chains, Budget};
+use crate::devices::virtio::{ActivateError, Activation, GuestFaults, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
 
 const TYPE_RNG: u32 = 4;
 const QUEUE_SIZES: &[u16] = &[256];
@@ -15,12 +15,13 @@ const QUEUE_SIZES: &[u16] = &[256];
 pub struct Rng {
     source: File,
     active: Option<(GuestMemoryMmap, Queue, Arc<IrqLine>)>,
+    faults: GuestFaults,
 }
 
 impl Rng {
     /// Serves bytes from the host's `/dev/urandom`, opened now (before any sandboxing).
     pub fn new() -> std::io::Result<Rng> {
-        Ok(Rng { source: File::open("/dev/urandom")?, active: None })
+        Ok(Rng { source: File::open("/dev/urandom")?, active: None, faults: GuestFaults::new("virtio-rng") })
     }
 }
 
@@ -47,7 +48,7 @@ impl VirtioDevice for Rng {
 
     fn process_queue(&mut self, index: usize) -> bool {
         let (0, Some((mem, queue, irq))) = (index, self.active.as_mut()) else { return false };
-        let (interrupt, more) = fill_chains(queue, mem, &mut self.source, usize::from(queue.size()));
+        let (interrupt, more) = fill_chains(queue, mem, &mut self.source, &mut self.faults, Budget::round(queue.size()));
         if interrupt {
             irq.trigger(INT_VRING);
         }

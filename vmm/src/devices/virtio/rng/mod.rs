@@ -5,4 +5,4 @@ mod device;
 mod handler;
 
 pub use device::Rng;
-pub use handler::{fill_chains, MAX_BYTES_PER_CHAIN};
+pub use handler::{fill_chains, Budget, MAX_BYTES_PER_CHAIN, MAX_BYTES_PER_ROUND, MAX_DESCRIPTORS_PER_ROUND};

@@ -10,7 +10,11 @@
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::Shutdown;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
+
+use nix::sys::socket::MsgFlags;
 
 use super::packet::{VsockHeader, MAX_PAYLOAD, OP_CREDIT_UPDATE, TYPE_STREAM};
 
@@ -63,6 +67,14 @@ pub struct Connection {
     host_done_sending: bool,
     /// A CREDIT_UPDATE is owed to the guest.
     pub credit_update_due: bool,
+    /// Host-initiated: when the guest must have answered the REQUEST it was given.
+    pub answer_by: Option<Instant>,
+    /// The host side hung up while the guest still had its last bytes to take; the
+    /// socket is no longer watched for hangup (poll would report it forever).
+    pub host_hung_up: bool,
+    /// With `host_hung_up`: when the connection is reaped if the guest has taken none
+    /// of those bytes since.
+    pub drain_by: Option<Instant>,
 }
 
 impl Connection {
@@ -84,6 +96,9 @@ impl Connection {
             guest_done_receiving: false,
             host_done_sending: false,
             credit_update_due: false,
+            answer_by: None,
+            host_hung_up: false,
+            drain_by: None,
         }
     }
 
@@ -236,6 +251,24 @@ impl Connection {
     /// The host side reached EOF (see `host_done_sending`).
     pub fn host_eof(&mut self) {
         self.host_done_sending = true;
+    }
+
+    /// Whether the host side's EOF was read already.
+    pub fn host_done(&self) -> bool {
+        self.host_done_sending
+    }
+
+    /// Whether the host left bytes the guest has not taken: Some(true) if so,
+    /// Some(false) if only EOF is left, None if the socket failed. Reads nothing.
+    pub fn host_data_left(&self) -> Option<bool> {
+        let mut byte = [0u8; 1];
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        match nix::sys::socket::recv(self.stream.as_raw_fd(), &mut byte, flags) {
+            Ok(n) => Some(n > 0),
+            // Nothing to read yet is not the end either.
+            Err(nix::errno::Errno::EAGAIN) => Some(true),
+            Err(_) => None,
+        }
     }
 
     /// Both directions are finished and nothing is left to write: the guest will send

@@ -3,13 +3,17 @@
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::muxer::Muxer;
 use super::packet::{self, OP_RW};
-use crate::devices::virtio::{next_chain, read_config_bytes, ActivateError, Activation, IrqLine, VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1};
+use crate::devices::virtio::{
+    next_chain, read_config_bytes, return_indirect, ActivateError, Activation, Avail, GuestFaults, IrqLine, Readiness,
+    VirtioDevice, INT_VRING, VIRTIO_F_VERSION_1,
+};
 
 const TYPE_VSOCK: u32 = 19;
 const QUEUE_SIZES: &[u16] = &[256, 256, 64];
@@ -34,11 +38,12 @@ pub struct Vsock {
     live: Option<Live>,
     /// TX processing stopped at `MAX_RX_BACKLOG`; it resumes once RX drains.
     tx_stalled: bool,
+    faults: GuestFaults,
 }
 
 impl Vsock {
     pub fn new(cid: u64, muxer: Muxer) -> Vsock {
-        Vsock { cid, muxer, live: None, tx_stalled: false }
+        Vsock { cid, muxer, live: None, tx_stalled: false, faults: GuestFaults::new("virtio-vsock") }
     }
 
     fn rx_backlog_full(&self) -> bool {
@@ -69,7 +74,17 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let Some(chain) = next_chain(&mut live.tx, &live.mem) else { break };
+            let chain = match next_chain(&mut live.tx, &live.mem) {
+                None => break,
+                Some(Avail::Chain(chain)) => chain,
+                Some(Avail::Indirect(head)) => {
+                    if !return_indirect(&mut live.tx, &live.mem, head, &mut self.faults) {
+                        break;
+                    }
+                    used = true;
+                    continue;
+                }
+            };
             let head = chain.head_index();
             match packet::read_tx(&live.mem, chain) {
                 Ok(pkt) => self.muxer.from_guest(pkt),
@@ -98,7 +113,17 @@ impl Vsock {
                 break;
             }
             budget -= 1;
-            let Some(chain) = next_chain(&mut live.rx, &live.mem) else { break };
+            let chain = match next_chain(&mut live.rx, &live.mem) {
+                None => break,
+                Some(Avail::Chain(chain)) => chain,
+                Some(Avail::Indirect(head)) => {
+                    if !return_indirect(&mut live.rx, &live.mem, head, &mut self.faults) {
+                        break;
+                    }
+                    used = true;
+                    continue;
+                }
+            };
             let head = chain.head_index();
             let Some((hdr, rest)) = self.muxer.front_rx() else { break };
             let result = packet::write_rx_partial(&live.mem, chain, hdr, rest).map(|(len, n)| (len, n, n == rest.len()));
@@ -180,9 +205,19 @@ impl VirtioDevice for Vsock {
         self.muxer.fds()
     }
 
-    fn backend_ready(&mut self, fd: RawFd, readable: bool, writable: bool) -> bool {
-        self.muxer.ready(fd, readable, writable);
+    fn backend_ready(&mut self, fd: RawFd, ready: Readiness) -> bool {
+        self.muxer.ready(fd, ready);
         // "More" brings the device back through its RX queue, which resumes TX.
+        self.deliver_rx() || self.tx_resumable()
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.muxer.deadline()
+    }
+
+    fn on_deadline(&mut self, now: Instant) -> bool {
+        self.muxer.on_deadline(now);
+        // A reaped connection's RST goes to the guest like any other packet.
         self.deliver_rx() || self.tx_resumable()
     }
 }
@@ -198,6 +233,7 @@ mod tests {
 
     const SIZE: u16 = 16;
     const F_WRITE: u16 = 2;
+    const F_INDIRECT: u16 = 4;
 
     /// A guest driver's view of one split queue (descriptors at `at`, the avail ring
     /// 4 KiB above, the used ring 8 KiB above): posts one-descriptor chains and counts
@@ -243,6 +279,90 @@ mod tests {
         }
     }
 
+    fn request_to(port: u32, src_port: u32) -> VsockHeader {
+        VsockHeader {
+            src_cid: 3,
+            dst_cid: HOST_CID,
+            src_port,
+            dst_port: port,
+            type_: TYPE_STREAM,
+            op: OP_REQUEST,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn indirect_chains_are_refused() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mut rx = GuestQueue::new(&mem, 0);
+        let mut tx = GuestQueue::new(&mem, 0x1_0000);
+        let event = GuestQueue::new(&mem, 0x2_0000);
+        let path = std::env::temp_dir().join(format!("moat-vsock-dev-indirect-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut dev = Vsock::new(3, Muxer::new(&path, 3, crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS).expect("muxer"));
+        let queues = vec![rx.queue(), tx.queue(), event.queue()];
+        let irq = Arc::new(IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+        dev.activate(Activation { mem: mem.clone(), queues, irq }).expect("activate");
+        // TX: a REQUEST to a port nobody listens on, behind an indirect table. Followed,
+        // each would earn an RST.
+        mem.write_obj(request_to(7, 5000), GuestAddress(0x10_0000)).expect("hdr");
+        let entry = RawDescriptor::from(Descriptor::new(0x10_0000, HEADER_LEN as u32, 0, 0));
+        mem.write_obj(entry, GuestAddress(0x30_0000)).expect("indirect table");
+        tx.refill(|_| (0x30_0000, 16, F_INDIRECT));
+        dev.process_queue(TX);
+        assert_eq!(tx.used(), SIZE, "every chain returned");
+        assert_eq!(dev.muxer.rx_len(), 0, "no packet reached the muxer");
+        assert_eq!(dev.faults.count(), u64::from(SIZE));
+        // RX: a packet waits, but the only buffers are behind indirect tables.
+        dev.muxer.from_guest(packet::TxPacket { hdr: request_to(7, 5001), payload: Vec::new() });
+        assert_eq!(dev.muxer.rx_len(), 1);
+        let entry = RawDescriptor::from(Descriptor::new(0x20_0000, 0x100, F_WRITE, 0));
+        mem.write_obj(entry, GuestAddress(0x31_0000)).expect("indirect table");
+        rx.refill(|_| (0x31_0000, 16, F_INDIRECT));
+        dev.process_queue(RX);
+        assert_eq!(rx.used(), SIZE, "every buffer returned");
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(0x20_0000)).expect("buffer"), 0, "nothing written through them");
+        assert_eq!(dev.muxer.rx_len(), 1, "the packet waits for a usable buffer");
+        assert_eq!(dev.faults.count(), 2 * u64::from(SIZE));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn a_connection_the_guest_never_answers_is_reaped_on_the_device_deadline() {
+        use std::io::{Read, Write};
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
+        let mut rx = GuestQueue::new(&mem, 0);
+        let tx = GuestQueue::new(&mem, 0x1_0000);
+        let event = GuestQueue::new(&mem, 0x2_0000);
+        let path = std::env::temp_dir().join(format!("moat-vsock-dev-deadline-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let mut dev = Vsock::new(3, Muxer::new(&path, 3, crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS).expect("muxer"));
+        let queues = vec![rx.queue(), tx.queue(), event.queue()];
+        let irq = Arc::new(IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+        dev.activate(Activation { mem: mem.clone(), queues, irq }).expect("activate");
+        let mut host = std::os::unix::net::UnixStream::connect(&path).expect("connect");
+        host.write_all(b"CONNECT 1024\n").expect("CONNECT");
+        // The main loop: the listener, then the handshake.
+        for _ in 0..2 {
+            for (fd, r, w) in dev.backend_fds() {
+                dev.backend_ready(fd, Readiness { readable: r, writable: w, hangup: false });
+            }
+        }
+        assert_eq!(dev.deadline(), None, "the REQUEST waits for RX buffers");
+        rx.refill(|slot: u16| (0x20_0000 + 0x100 * u64::from(slot), 0x100, F_WRITE));
+        dev.process_queue(RX);
+        let request: VsockHeader = mem.read_obj(GuestAddress(0x20_0000)).expect("rx hdr");
+        assert_eq!({ request.op }, OP_REQUEST);
+        let due = dev.deadline().expect("a time for the guest to answer");
+        dev.on_deadline(due);
+        let rst: VsockHeader = mem.read_obj(GuestAddress(0x20_0100)).expect("rx hdr");
+        assert_eq!(({ rst.op }, { rst.src_port }), (OP_RST, { request.src_port }), "the guest is told");
+        let mut rest = Vec::new();
+        host.read_to_end(&mut rest).expect("EOF for the host");
+        assert!(rest.is_empty());
+        let _ = std::fs::remove_file(&path);
+    }
+
     #[test]
     fn a_guest_that_never_reads_cannot_grow_the_rx_backlog() {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20)]).expect("mem");
@@ -251,7 +371,7 @@ mod tests {
         let event = GuestQueue::new(&mem, 0x2_0000);
         let path = std::env::temp_dir().join(format!("moat-vsock-dev-backlog-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let mut dev = Vsock::new(3, Muxer::new(&path, 3).expect("muxer"));
+        let mut dev = Vsock::new(3, Muxer::new(&path, 3, crate::devices::virtio::vsock::muxer::MAX_CONNECTIONS).expect("muxer"));
         let queues = vec![rx.queue(), tx.queue(), event.queue()];
         let irq = Arc::new(IrqLine::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
         dev.activate(Activation { mem: mem.clone(), queues, irq }).expect("activate");
@@ -284,5 +404,6 @@ mod tests {
         assert_ne!(tx.used(), taken, "TX stayed stalled after RX drained");
         let first: VsockHeader = mem.read_obj(GuestAddress(0x20_0000)).expect("rx hdr");
         assert_eq!({ first.op }, OP_RST);
+        let _ = std::fs::remove_file(&path);
     }
 }

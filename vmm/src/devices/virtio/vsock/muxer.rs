@@ -5,23 +5,55 @@
 //! Everything the guest sends is checked: addresses must be ours, packets for
 //! connections that do not exist are answered with RST, and the number of
 //! connections and of half-open host handshakes is capped.
+//!
+//! Nothing the guest does (or fails to do) keeps host resources forever or makes the
+//! main loop spin: every connection's socket is watched for hangup, so one whose host
+//! side closed is reaped once nothing more can flow (at once, or when the guest has
+//! taken the host's last bytes, or after `DRAIN_TIMEOUT` if it takes none); a
+//! host-initiated connection the guest never answers is reaped after
+//! `ANSWER_TIMEOUT`; and when `accept` fails for want of file descriptors the
+//! listener rests for `ACCEPT_BACKOFF` instead of waking the loop again at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use super::connection::{ConnState, Connection, HOST_CID};
 use super::packet::*;
+use crate::devices::virtio::Readiness;
 
-/// Most live connections per VM; more are refused with RST.
+/// Most live connections per VM; more are refused with RST. Fewer if the process may
+/// not open enough files for them (`raise_fd_limit`).
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Most host connections still sending their `CONNECT` line.
 const MAX_HANDSHAKES: usize = 64;
 const MAX_HANDSHAKE_LINE: usize = 32;
 /// Host ports for host-initiated connections are taken from here up.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// How long a host-initiated connection waits for the guest to answer its REQUEST,
+/// from when the REQUEST reached the guest's RX ring. A live guest kernel answers at
+/// once (RESPONSE, or RST when nothing listens), whatever its programs do. Not
+/// shorter than the longest handshake the shim waits for (10 s, stdio streams), so
+/// the VMM never gives up on a dial before its caller does.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection whose host side hung up with bytes the guest has not taken
+/// (it gives no credit) is kept for the guest to take them; the clock restarts each
+/// time it takes some. A guest kernel takes up to its socket buffer (256 KiB by
+/// default) without its program reading, so only a program that leaves its input
+/// unread this long after the host finished writing can lose the end of it.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the listener rests after `accept` failed for want of fds or memory.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// File descriptors the VMM needs besides vsock connections and handshakes (KVM, vCPU
+/// fds, eventfds, disks, fs backends, the console), with room to spare.
+const OTHER_FDS: u64 = 256;
+/// The fewest connections allowed however low the fd limit (agent API, log, stdio).
+const MIN_CONNECTIONS: usize = 16;
+/// A host-side failure log line (accept failing) at most this often.
+const LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxerError {
@@ -29,6 +61,42 @@ pub enum MuxerError {
     Exists(PathBuf),
     #[error("cannot listen on vsock socket {0}")]
     Listen(PathBuf, #[source] io::Error),
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit, and returns how many connections
+/// the muxer may then hold: `MAX_CONNECTIONS`, or fewer when the hard limit leaves no
+/// room for them besides the handshakes and the VMM's other fds (said once, here).
+pub fn raise_fd_limit() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let limit = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                log::warn!("vsock: cannot raise the open-file limit from {soft} to {hard}: {e}");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(e) => {
+            log::warn!("vsock: cannot read the open-file limit: {e}");
+            return MAX_CONNECTIONS;
+        }
+    };
+    let cap = connection_cap(limit);
+    if cap < MAX_CONNECTIONS {
+        log::warn!(
+            "vsock: the open-file limit {limit} leaves room for {cap} connections, not {MAX_CONNECTIONS}; \
+             raise RLIMIT_NOFILE to {} for all of them",
+            MAX_CONNECTIONS as u64 + MAX_HANDSHAKES as u64 + OTHER_FDS
+        );
+    }
+    cap
+}
+
+/// Connections that fit under an open-file limit of `nofile`.
+fn connection_cap(nofile: u64) -> usize {
+    let room = nofile.saturating_sub(MAX_HANDSHAKES as u64 + OTHER_FDS);
+    usize::try_from(room).unwrap_or(usize::MAX).clamp(MIN_CONNECTIONS, MAX_CONNECTIONS)
 }
 
 /// A packet for the guest: header and (for RW) payload.
@@ -40,6 +108,7 @@ pub struct Muxer {
     path: PathBuf,
     listener: UnixListener,
     guest_cid: u64,
+    max_connections: usize,
     conns: HashMap<Key, Connection>,
     handshakes: Vec<(UnixStream, Vec<u8>)>,
     /// Control packets and data waiting for RX buffers, in order.
@@ -48,10 +117,15 @@ pub struct Muxer {
     /// one RX buffer goes out in pieces without being copied again).
     rx_front_offset: usize,
     next_local_port: u32,
+    /// The listener is not polled until then (`accept` ran out of fds).
+    listener_rests_until: Option<Instant>,
+    last_accept_log: Option<Instant>,
 }
 
 impl Muxer {
-    pub fn new(path: &Path, guest_cid: u64) -> Result<Muxer, MuxerError> {
+    /// Listens on `path` for host connections to the guest `guest_cid`, holding at
+    /// most `max_connections` at a time.
+    pub fn new(path: &Path, guest_cid: u64, max_connections: usize) -> Result<Muxer, MuxerError> {
         if path.symlink_metadata().is_ok() {
             return Err(MuxerError::Exists(path.to_path_buf()));
         }
@@ -61,24 +135,37 @@ impl Muxer {
             path: path.to_path_buf(),
             listener,
             guest_cid,
+            max_connections,
             conns: HashMap::new(),
             handshakes: Vec::new(),
             rx: VecDeque::new(),
             rx_front_offset: 0,
             next_local_port: FIRST_LOCAL_PORT,
+            listener_rests_until: None,
+            last_accept_log: None,
         })
     }
 
-    /// File descriptors to poll: (fd, want read, want write).
+    /// File descriptors to poll: (fd, want read, want write). Each is also watched for
+    /// hangup, which is why a connection that wants neither is listed too, until its
+    /// hangup has been handled.
     pub fn fds(&self) -> Vec<(RawFd, bool, bool)> {
-        let mut v = vec![(self.listener.as_raw_fd(), self.handshakes.len() < MAX_HANDSHAKES, false)];
+        let mut v = Vec::with_capacity(1 + self.handshakes.len() + self.conns.len());
+        if self.handshakes.len() < MAX_HANDSHAKES && self.listener_rests_until.is_none() {
+            v.push((self.listener.as_raw_fd(), true, false));
+        }
         v.extend(self.handshakes.iter().map(|(s, _)| (s.as_raw_fd(), true, false)));
-        v.extend(self.conns.values().map(|c| (c.stream.as_raw_fd(), c.wants_host_data(), c.wants_host_room())));
+        for c in self.conns.values() {
+            let (read, write) = (c.wants_host_data(), c.wants_host_room());
+            if read || write || !c.host_hung_up {
+                v.push((c.stream.as_raw_fd(), read, write));
+            }
+        }
         v
     }
 
     /// Handles readiness of `fd`.
-    pub fn ready(&mut self, fd: RawFd, readable: bool, writable: bool) {
+    pub fn ready(&mut self, fd: RawFd, ready: Readiness) {
         if fd == self.listener.as_raw_fd() {
             self.accept();
             return;
@@ -90,8 +177,8 @@ impl Muxer {
         let Some(key) = self.conns.iter().find(|(_, c)| c.stream.as_raw_fd() == fd).map(|(k, _)| *k) else {
             return;
         };
-        if writable {
-            let failed = self.conns.get_mut(&key).is_some_and(|c| c.flush_to_host().is_err());
+        if ready.writable || ready.hangup {
+            let failed = self.conns.get_mut(&key).is_some_and(|c| c.wants_host_room() && c.flush_to_host().is_err());
             // The last buffered bytes of a connection both sides have shut down.
             let done = self.conns.get(&key).is_some_and(|c| c.finished());
             if failed || done {
@@ -99,10 +186,44 @@ impl Muxer {
                 return;
             }
         }
-        if readable {
+        if ready.readable || ready.hangup {
             self.read_host(key);
         }
+        if ready.hangup {
+            self.host_hung_up(key);
+        }
         self.collect_credit_updates();
+    }
+
+    /// When `on_deadline` must run next: the listener's rest ends, a guest's time to
+    /// answer runs out, or a hung-up connection's time to drain does.
+    pub fn deadline(&self) -> Option<Instant> {
+        let conns = self.conns.values().filter_map(|c| match c.state {
+            ConnState::LocalInit => c.answer_by,
+            ConnState::Established => c.drain_by,
+        });
+        self.listener_rests_until.into_iter().chain(conns).min()
+    }
+
+    /// Ends the listener's rest and reaps the connections whose time ran out.
+    pub fn on_deadline(&mut self, now: Instant) {
+        if self.listener_rests_until.is_some_and(|t| t <= now) {
+            self.listener_rests_until = None;
+        }
+        let due = |t: Option<Instant>| t.is_some_and(|t| t <= now);
+        let unanswered: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == ConnState::LocalInit && due(c.answer_by))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in unanswered {
+            self.forget_unanswered(key);
+        }
+        let undrained: Vec<Key> = self.conns.iter().filter(|(_, c)| due(c.drain_by)).map(|(k, _)| *k).collect();
+        for key in undrained {
+            self.reset(key);
+        }
     }
 
     fn accept(&mut self) {
@@ -112,6 +233,18 @@ impl Muxer {
                     if s.set_nonblocking(true).is_ok() {
                         self.handshakes.push((s, Vec::new()));
                     }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                    // The connection waits in the backlog: poll would report it again
+                    // at once, and accept fail again, until an fd is free.
+                    let now = Instant::now();
+                    self.listener_rests_until = Some(now + ACCEPT_BACKOFF);
+                    if self.last_accept_log.is_none_or(|t| now.duration_since(t) >= LOG_INTERVAL) {
+                        self.last_accept_log = Some(now);
+                        log::warn!("vsock: cannot accept host connections ({e}); retrying every {ACCEPT_BACKOFF:?}");
+                    }
+                    break;
                 }
                 Err(_) => break,
             }
@@ -144,7 +277,7 @@ impl Muxer {
             let _ = stream.write_all(b"ERR bad request; expected CONNECT <port>\n");
             return;
         };
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             let _ = stream.write_all(b"ERR too many connections\n");
             return;
         }
@@ -179,15 +312,66 @@ impl Muxer {
             Ok(None) => {
                 // The host will send no more (it closed, or shut down its writing side:
                 // how a container's stdin reaches EOF). Tell the guest exactly that and
-                // keep carrying its data to the host until it is done sending too.
+                // keep carrying its data to the host until it is done sending too,
+                // unless the host hung up entirely: then nothing more can flow.
                 c.host_eof();
                 self.rx.push_back((c.header(OP_SHUTDOWN, SHUTDOWN_SEND), Vec::new()));
-                if c.finished() {
+                if c.finished() || c.host_hung_up {
                     self.reset(key);
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(_) => self.reset(key),
+        }
+    }
+
+    /// The host side of `key` hung up (it closed, or shut down both directions; or it
+    /// half-closed after the guest finished sending). Reaps the connection unless the
+    /// guest still has host bytes to take.
+    fn host_hung_up(&mut self, key: Key) {
+        let Some(c) = self.conns.get_mut(&key) else { return };
+        if c.state == ConnState::LocalInit {
+            // A dial that gave up before the guest answered.
+            self.forget_unanswered(key);
+            return;
+        }
+        if c.host_done() {
+            // Its EOF was read already and it takes nothing more.
+            self.reset(key);
+            return;
+        }
+        if c.wants_host_data() {
+            // The read path takes what is left, then sees EOF.
+            return;
+        }
+        match c.host_data_left() {
+            Some(true) => {
+                if !c.host_hung_up {
+                    c.host_hung_up = true;
+                    c.drain_by = Some(Instant::now() + DRAIN_TIMEOUT);
+                }
+            }
+            Some(false) => {
+                // Only its EOF is left: say so, as the read path would, and end it.
+                c.host_eof();
+                self.rx.push_back((c.header(OP_SHUTDOWN, SHUTDOWN_SEND), Vec::new()));
+                self.reset(key);
+            }
+            None => self.reset(key),
+        }
+    }
+
+    /// Forgets a host-initiated connection the guest has not answered: takes back its
+    /// REQUEST if the guest has not been given it yet, else tells the guest with RST.
+    fn forget_unanswered(&mut self, key: Key) {
+        let Some(c) = self.conns.remove(&key) else { return };
+        let queued = self.rx.iter().position(|(h, _)| h.op == OP_REQUEST && (h.src_port, h.dst_port) == key);
+        match queued {
+            // A REQUEST carries no payload, so none of it went out in pieces.
+            Some(i) if i > 0 || self.rx_front_offset == 0 => {
+                self.rx.remove(i);
+            }
+            _ => self.rx.push_back((c.header(OP_RST, 0), Vec::new())),
         }
     }
 
@@ -276,7 +460,7 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, hdr: &VsockHeader) {
-        if self.conns.len() >= MAX_CONNECTIONS {
+        if self.conns.len() >= self.max_connections {
             let r = self.rst_reply(hdr);
             self.rx.push_back(r);
             return;
@@ -311,11 +495,17 @@ impl Muxer {
     }
 
     /// Marks `n` more payload bytes of the front packet delivered; the packet leaves
-    /// the queue once all of it has (a packet without payload, at once).
+    /// the queue once all of it has (a packet without payload, at once). A REQUEST
+    /// that reached the guest starts its connection's time to answer.
     pub fn consume_rx(&mut self, n: usize) {
-        let Some((_, p)) = self.rx.front() else { return };
+        let Some((h, p)) = self.rx.front() else { return };
         self.rx_front_offset += n;
         if self.rx_front_offset >= p.len() {
+            if h.op == OP_REQUEST {
+                if let Some(c) = self.conns.get_mut(&(h.src_port, h.dst_port)) {
+                    c.answer_by = Some(Instant::now() + ANSWER_TIMEOUT);
+                }
+            }
             self.rx.pop_front();
             self.rx_front_offset = 0;
         }
@@ -328,6 +518,9 @@ impl Muxer {
             c.delivered(n);
             if whole {
                 c.rx_pending = false;
+            }
+            if c.host_hung_up && n > 0 {
+                c.drain_by = Some(Instant::now() + DRAIN_TIMEOUT);
             }
         }
     }
@@ -354,231 +547,6 @@ impl Muxer {
     }
 }
 
-impl Drop for Muxer {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::BufRead;
-
-    const CID: u64 = 3;
-
-    fn tmp(tag: &str) -> PathBuf {
-        std::env::temp_dir().join(format!("moat-vsock-{tag}-{}", std::process::id()))
-    }
-
-    fn guest_hdr(op: u16, src_port: u32, dst_port: u32) -> VsockHeader {
-        VsockHeader {
-            src_cid: CID,
-            dst_cid: HOST_CID,
-            src_port,
-            dst_port,
-            type_: TYPE_STREAM,
-            op,
-            buf_alloc: 64 * 1024,
-            ..Default::default()
-        }
-    }
-
-    fn pump(m: &mut Muxer) {
-        for (fd, r, w) in m.fds() {
-            if r || w {
-                m.ready(fd, r, w);
-            }
-        }
-    }
-
-    #[test]
-    fn host_initiated_connection_round_trip() {
-        let path = tmp("host");
-        let mut m = Muxer::new(&path, CID).expect("muxer");
-        let mut host = UnixStream::connect(&path).expect("connect");
-        host.write_all(b"CONNECT 1024\n").expect("write");
-        pump(&mut m); // accept
-        pump(&mut m); // handshake
-        let (req, _) = m.pop_rx().expect("REQUEST for the guest");
-        assert_eq!((req.op, req.dst_port, req.dst_cid), (OP_REQUEST, 1024, CID));
-        let local = req.src_port;
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_RESPONSE, 1024, local), payload: vec![] });
-        let mut reader = std::io::BufReader::new(host.try_clone().expect("clone"));
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("OK line");
-        assert_eq!(line, format!("OK {local}\n"));
-        // Guest to host.
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_RW, 1024, local), payload: b"ping".to_vec() });
-        let mut got = [0u8; 4];
-        reader.read_exact(&mut got).expect("data");
-        assert_eq!(&got, b"ping");
-        // Host to guest.
-        host.write_all(b"pong").expect("write");
-        let mut data = None;
-        for _ in 0..100 {
-            pump(&mut m);
-            while let Some((h, p)) = m.pop_rx() {
-                if h.op == OP_RW {
-                    data = Some(p);
-                }
-            }
-            if data.is_some() {
-                break;
-            }
-        }
-        assert_eq!(data.expect("RW packet"), b"pong");
-        drop(m);
-        assert!(!path.exists(), "socket removed with the muxer");
-    }
-
-    /// A host-initiated connection the guest accepted: (muxer, host stream, local port).
-    fn established(tag: &str) -> (Muxer, UnixStream, u32) {
-        let path = tmp(tag);
-        let mut m = Muxer::new(&path, CID).expect("muxer");
-        let mut host = UnixStream::connect(&path).expect("connect");
-        host.write_all(b"CONNECT 1024\n").expect("write");
-        pump(&mut m);
-        pump(&mut m);
-        let local = m.pop_rx().expect("REQUEST").0.src_port;
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_RESPONSE, 1024, local), payload: vec![] });
-        let mut ok = [0u8; 64];
-        let n = host.read(&mut ok).expect("OK line");
-        assert_eq!(&ok[..n], format!("OK {local}\n").as_bytes());
-        (m, host, local)
-    }
-
-    #[test]
-    fn host_eof_half_closes_and_guest_data_keeps_flowing() {
-        let (mut m, mut host, local) = established("halfclose");
-        host.write_all(b"stdin data").expect("write");
-        host.shutdown(std::net::Shutdown::Write).expect("half-close");
-        let mut seen = Vec::new();
-        for _ in 0..10 {
-            pump(&mut m);
-            while let Some((h, p)) = m.pop_rx() {
-                if h.op == OP_RW {
-                    // As the device does once the guest has the bytes.
-                    m.delivered(local, 1024, p.len() as u32, true);
-                }
-                seen.push((h, p));
-            }
-        }
-        let ops: Vec<(u16, u32)> = seen.iter().map(|(h, _)| (h.op, h.flags)).collect();
-        assert_eq!(ops, vec![(OP_RW, 0), (OP_SHUTDOWN, SHUTDOWN_SEND)], "data, then 'host sends no more' once");
-        assert_eq!(seen[0].1, b"stdin data");
-        // The guest still writes to the host (a container's output after its stdin ended).
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_RW, 1024, local), payload: b"output".to_vec() });
-        let mut got = [0u8; 6];
-        host.read_exact(&mut got).expect("guest data after host EOF");
-        assert_eq!(&got, b"output");
-        assert_eq!(m.connections(), 1);
-        // The guest finishes too: the connection ends with an RST and the host sees EOF.
-        m.from_guest(TxPacket {
-            hdr: VsockHeader { flags: SHUTDOWN_SEND | SHUTDOWN_RCV, ..guest_hdr(OP_SHUTDOWN, 1024, local) },
-            payload: vec![],
-        });
-        assert!(std::iter::from_fn(|| m.pop_rx()).any(|(h, _)| h.op == OP_RST), "RST ends it");
-        assert_eq!(m.connections(), 0);
-        let mut rest = Vec::new();
-        host.read_to_end(&mut rest).expect("EOF");
-        assert!(rest.is_empty());
-    }
-
-    #[test]
-    fn guest_shutdown_of_sending_after_host_eof_finishes() {
-        let (mut m, host, local) = established("halfclose2");
-        host.shutdown(std::net::Shutdown::Write).expect("half-close");
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_CREDIT_UPDATE, 1024, local), payload: vec![] });
-        pump(&mut m);
-        assert_eq!({ m.pop_rx().expect("SHUTDOWN").0.flags }, SHUTDOWN_SEND);
-        m.from_guest(TxPacket {
-            hdr: VsockHeader { flags: SHUTDOWN_SEND, ..guest_hdr(OP_SHUTDOWN, 1024, local) },
-            payload: vec![],
-        });
-        assert_eq!({ m.pop_rx().expect("RST").0.op }, OP_RST);
-        assert_eq!(m.connections(), 0);
-    }
-
-    #[test]
-    fn bad_handshakes_are_refused() {
-        let path = tmp("bad");
-        let mut m = Muxer::new(&path, CID).expect("muxer");
-        let mut host = UnixStream::connect(&path).expect("connect");
-        host.write_all(b"HELLO\n").expect("write");
-        pump(&mut m);
-        pump(&mut m);
-        let mut s = String::new();
-        host.read_to_string(&mut s).expect("read");
-        assert!(s.starts_with("ERR bad request"), "{s}");
-        assert!(m.pop_rx().is_none());
-        let mut long = UnixStream::connect(&path).expect("connect");
-        long.write_all(&[b'A'; 100]).expect("write");
-        pump(&mut m);
-        pump(&mut m);
-        assert_eq!(m.handshakes.len(), 0, "over-long line dropped");
-    }
-
-    #[test]
-    fn guest_initiated_connection_and_refusal() {
-        let path = tmp("guest");
-        let mut m = Muxer::new(&path, CID).expect("muxer");
-        let target = PathBuf::from(format!("{}_5000", path.display()));
-        let _ = std::fs::remove_file(&target);
-        let l = UnixListener::bind(&target).expect("bind");
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_REQUEST, 2000, 5000), payload: vec![] });
-        let (resp, _) = m.pop_rx().expect("response");
-        assert_eq!((resp.op, resp.src_port, resp.dst_port), (OP_RESPONSE, 5000, 2000));
-        let (mut s, _) = l.accept().expect("accept");
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_RW, 2000, 5000), payload: b"log line\n".to_vec() });
-        let mut got = [0u8; 9];
-        s.read_exact(&mut got).expect("read");
-        assert_eq!(&got, b"log line\n");
-        // Nobody listens on 5001: RST.
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_REQUEST, 2001, 5001), payload: vec![] });
-        let rst = std::iter::from_fn(|| m.pop_rx()).map(|(h, _)| h).find(|h| h.op == OP_RST).expect("rst");
-        assert_eq!({ rst.dst_port }, 2001);
-        let _ = std::fs::remove_file(&target);
-    }
-
-    #[test]
-    fn spoofed_and_unknown_packets_get_rst_and_no_state() {
-        let path = tmp("spoof");
-        let mut m = Muxer::new(&path, CID).expect("muxer");
-        let mut h = guest_hdr(OP_RW, 1, 2);
-        h.src_cid = 99;
-        m.from_guest(TxPacket { hdr: h, payload: b"x".to_vec() });
-        assert_eq!({ m.pop_rx().expect("rst").0.op }, OP_RST);
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_RW, 1, 2), payload: b"x".to_vec() });
-        assert_eq!({ m.pop_rx().expect("rst").0.op }, OP_RST);
-        // RST for an unknown connection is not answered (no RST ping-pong).
-        m.from_guest(TxPacket { hdr: guest_hdr(OP_RST, 1, 2), payload: vec![] });
-        assert!(m.pop_rx().is_none());
-        assert_eq!(m.connections(), 0);
-    }
-
-    #[test]
-    fn large_payloads_go_out_in_pieces_without_recopying() {
-        let path = tmp("pieces");
-        let mut m = Muxer::new(&path, CID).expect("muxer");
-        let h = VsockHeader { op: OP_RW, ..Default::default() };
-        m.rx.push_back((h, b"0123456789".to_vec()));
-        m.rx.push_back((VsockHeader { op: OP_RST, ..Default::default() }, Vec::new()));
-        assert_eq!(m.front_rx().expect("front").1, b"0123456789");
-        m.consume_rx(4);
-        assert_eq!(m.front_rx().expect("front").1, b"456789");
-        m.consume_rx(6);
-        let (next, rest) = m.front_rx().expect("next packet");
-        assert_eq!(({ next.op }, rest.len()), (OP_RST, 0));
-        m.consume_rx(0);
-        assert!(m.front_rx().is_none());
-    }
-
-    #[test]
-    fn existing_socket_path_is_an_error() {
-        let path = tmp("exists");
-        std::fs::write(&path, b"").expect("create");
-        assert!(matches!(Muxer::new(&path, CID), Err(MuxerError::Exists(_))));
-        let _ = std::fs::remove_file(&path);
-    }
-}
+#[path = "muxer_tests.rs"]
+mod tests;
