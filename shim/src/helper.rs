@@ -155,7 +155,8 @@ fn run(args: &[std::ffi::OsString]) -> Result<std::convert::Infallible, HelperEr
 /// virtiofsd's command line (the Rust virtiofsd): its namespace sandbox (pivot_root
 /// into the share, own pid and network namespaces), seccomp that kills on a call it
 /// does not expect, no CAP_MKNOD (no device nodes) and no CAP_SETFCAP (no file
-/// capabilities). Submounts are not announced to the guest: Linux 6.1's virtio-fs
+/// capabilities). Submounts are not announced to the guest (virtiofsd announces
+/// them by default): Linux 6.1's virtio-fs
 /// frees a submount's inodes under a pending FUSE_RELEASE when a container that used
 /// one goes (a use-after-free in fuse_release_end seen in the guest here).
 pub fn virtiofsd_args(cfg: &FsBackend) -> Vec<std::ffi::OsString> {
@@ -170,6 +171,7 @@ pub fn virtiofsd_args(cfg: &FsBackend) -> Vec<std::ffi::OsString> {
         "--sandbox=namespace".into(),
         "--seccomp=kill".into(),
         "--modcaps=-mknod:-setfcap".into(),
+        "--no-announce-submounts".into(),
         "--cache=auto".into(),
         "--log-level=warn".into(),
     ]
@@ -336,6 +338,7 @@ mod tests {
         assert!(args.iter().any(|a| a == "--sandbox=namespace"));
         assert!(args.iter().any(|a| a == "--seccomp=kill"));
         assert!(args.iter().any(|a| a == "--modcaps=-mknod:-setfcap"));
+        assert!(args.iter().any(|a| a == "--no-announce-submounts"));
         assert!(back.hardened && !back.shared_is_mount);
     }
 }
