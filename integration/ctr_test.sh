@@ -367,7 +367,10 @@ vmm_is_jailed() { # ctr...: moat-vmm runs unprivileged, in its own namespaces, s
 		[ "$(readlink "/proc/$pid/ns/$ns")" != "$(readlink /proc/1/ns/$ns)" ] || { echo "shares the host's $ns namespace"; bad=1; }
 	done
 	[ ! -e "/proc/$pid/root/etc" ] && [ ! -e "/proc/$pid/root/var" ] || { echo "sees the host's files"; bad=1; }
-	grep -q seccomp "/proc/$pid/status" && awk '/^Seccomp:/ { exit $2 == 2 ? 0 : 1 }' "/proc/$pid/status" || { echo "no seccomp filter"; bad=1; }
+	local t
+	for t in /proc/$pid/task/*; do
+		awk '/^Seccomp:/ { exit $2 == 2 ? 0 : 1 }' "$t/status" || { echo "thread $(basename "$t") ($(cat "$t/comm")) has no seccomp filter"; bad=1; }
+	done
 	"$@" task kill -s KILL h5
 	wait_status STOPPED h5 "$@"
 	"$@" task delete h5 && "$@" container rm h5
