@@ -311,21 +311,28 @@ end_h1() { # ctr...
 	"$@" task delete h1 && "$@" container rm h1
 }
 
-ro_bind_with_submount() { # ctr...: a read-only bind is read-only in its submounts too
+ro_bind_with_submount() { # ctr...: a read-only bind is read-only in its submounts too, on the host side
 	local o
 	mkdir -p "$work/rovol/sub"
 	echo keep >"$work/rovol/f"
 	mount -t tmpfs -o size=1m tmpfs "$work/rovol/sub" || return
 	echo below >"$work/rovol/sub/g"
-	o=$("$@" run --rm --mount "type=bind,src=$work/rovol,dst=/v,options=rbind:ro" --runtime io.containerd.moat.v2 "$image" h3 sh -c '
+	# Guest root writes straight into the volume share, past what the guest's own
+	# read-only bind would stop.
+	o=$("$@" run --rm --privileged --mount "type=bind,src=$work/rovol,dst=/v,options=rbind:ro" --runtime io.containerd.moat.v2 "$image" h3 sh -c '
 		cat /v/f /v/sub/g
-		echo x > /v/f 2>&1 && echo WROTE-TOP
-		echo x > /v/sub/g 2>&1 && echo WROTE-SUB
-		touch /v/sub/new 2>&1 && echo CREATED-SUB
+		mkdir -p /mnt/vol && mount -t virtiofs moatvol /mnt/vol && echo mounted-share
+		echo x > /mnt/vol/h3/0/f 2>&1 && echo WROTE-TOP
+		echo x > /mnt/vol/h3/0/sub/g 2>&1 && echo WROTE-SUB
+		touch /mnt/vol/h3/0/sub/new 2>&1 && echo CREATED-SUB
+		umount /mnt/vol
 		echo done')
-	umount "$work/rovol/sub"
 	echo "$o"
-	[[ "$o" == *keep*below*done* && "$o" != *WROTE* && "$o" != *CREATED* ]]
+	echo "host: $(cat "$work/rovol/f" "$work/rovol/sub/g" | tr '\n' ' ')"
+	local host
+	host=$(cat "$work/rovol/f" "$work/rovol/sub/g")
+	umount "$work/rovol/sub"
+	[[ "$o" == *keep*below*mounted-share*done* && "$o" != *WROTE* && "$o" != *CREATED* ]] && [ "$host" = "$(printf 'keep\nbelow')" ]
 }
 
 volume_set_id_and_devices() { # ctr...: no set-ID file or device node lands in a writable bind
