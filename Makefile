@@ -40,9 +40,11 @@ $(BUILD)/.deps: Makefile $(TESTHOST)
 build: deps
 	$(CARGO) build --release --locked -p moat-vmm -p moat-shim
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-agent --target $(HOST_TRIPLE)
+	@# A static vsock client the tests run inside containers (not installed).
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-integration --bin moat-vsock-probe --target $(HOST_TRIPLE)
 	@mkdir -p $(BIN)
 	cp target/release/moat-vmm target/release/moat target/release/containerd-shim-moat-v2 $(BIN)/
-	cp target/$(HOST_TRIPLE)/release/moat-agent $(BIN)/
+	cp target/$(HOST_TRIPLE)/release/moat-agent target/$(HOST_TRIPLE)/release/moat-vsock-probe $(BIN)/
 
 guest: build
 	rootfs/build-kernel.sh $(GUEST)
