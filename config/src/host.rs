@@ -42,6 +42,9 @@ pub struct MoatConfig {
     pub image_dir: PathBuf,
     /// Seconds a microVM may take to boot to its agent before the start fails.
     pub boot_timeout_secs: u32,
+    /// Give a container whose spec has no seccomp profile moat's default one (unless
+    /// the container is privileged).
+    pub default_seccomp: bool,
 }
 
 /// The file's shape: every key optional, unknown keys refused.
@@ -57,6 +60,7 @@ struct ConfigFile {
     state_dir: Option<PathBuf>,
     image_dir: Option<PathBuf>,
     boot_timeout_secs: Option<u64>,
+    default_seccomp: Option<bool>,
 }
 
 /// Why the host config could not be loaded.
@@ -95,6 +99,7 @@ impl MoatConfig {
             state_dir: DEFAULT_STATE_DIR.into(),
             image_dir: DEFAULT_IMAGE_DIR.into(),
             boot_timeout_secs: DEFAULT_BOOT_TIMEOUT_SECS,
+            default_seccomp: true,
         }
     }
 
@@ -167,6 +172,7 @@ impl MoatConfig {
             state_dir: abs("state_dir", file.state_dir, defaults.state_dir)?,
             image_dir: abs("image_dir", file.image_dir, defaults.image_dir)?,
             boot_timeout_secs,
+            default_seccomp: file.default_seccomp.unwrap_or(defaults.default_seccomp),
         })
     }
 }
@@ -297,7 +303,7 @@ mod tests {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 9, "{uncommented}");
+        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 10, "{uncommented}");
         let other = MoatConfig {
             vmm: "/x/vmm".into(),
             kernel: "/x/kernel".into(),
@@ -308,6 +314,7 @@ mod tests {
             state_dir: "/x/state".into(),
             image_dir: "/x/images".into(),
             boot_timeout_secs: d.boot_timeout_secs + 1,
+            default_seccomp: !d.default_seccomp,
         };
         assert_eq!(MoatConfig::from_toml(path, &uncommented, other).expect("uncommented"), d);
     }
@@ -319,6 +326,14 @@ mod tests {
             let e = parse(bad).expect_err(bad).to_string();
             assert!(e.contains("boot_timeout_secs must be between 1 and 3600"), "{e}");
         }
+    }
+
+    #[test]
+    fn default_seccomp_is_on_unless_turned_off() {
+        assert!(defaults().default_seccomp);
+        assert!(!parse("default_seccomp = false").expect("off").default_seccomp);
+        assert!(parse("default_seccomp = true").expect("on").default_seccomp);
+        assert!(parse("default_seccomp = 0").is_err(), "a boolean, not a number");
     }
 
     #[test]

@@ -269,7 +269,7 @@ impl Pod {
         let agent = sb.agent().cloned().ok_or_else(|| TaskError::Unavailable("no agent".into()))?;
         let host_dir = sb.shared().join(&req.id);
         let layout = GuestLayout { bundle: req.bundle.clone(), guest_dir: format!("{GUEST_SHARED}/{}", req.id) };
-        let (mut guest, binds) = oci::guest_spec(spec, &layout)?;
+        let (mut guest, binds) = oci::guest_spec(spec, &layout, self.cfg.default_seccomp)?;
         if let Some(p) = guest.get_mut("process").and_then(|p| p.as_object_mut()) {
             p.insert("terminal".into(), req.io.terminal.into());
         }

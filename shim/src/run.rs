@@ -176,6 +176,7 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
         pids_limit: opts.pids_limit,
         hostname: id.chars().take(12).collect(),
         no_new_privileges: false,
+        default_seccomp: cfg.default_seccomp,
     };
     let oci = spec::build(&img.config, &img.rootfs, &guest_root, &spec_opts)?;
     let cmd = oci["process"]["args"][0].as_str().unwrap_or_default().to_string();
