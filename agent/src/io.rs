@@ -3,10 +3,11 @@
 //! [`STDIO_PORT`], whose first line names the process and stream and carries the
 //! process's secret ([`StdioHeader`]). Only the host may connect (`peer.rs`), and a
 //! stream whose secret is not the one the process was created with is closed: the
-//! secret stays in the agent's memory and never reaches the container. One copy thread per attached stream (so at most three per
-//! process) moves the bytes with blocking I/O: a slow reader backpressures the process
-//! through its pipe, nothing is buffered beyond the pipe, and an output stream
-//! attached after the process exited still gets everything the pipe holds.
+//! secret stays in the agent's memory and never reaches the container. One copy
+//! thread per attached stream (so at most three per process) moves the bytes with
+//! blocking I/O: a slow reader backpressures the process through its pipe, nothing is
+//! buffered beyond the pipe, and an output stream attached after the process exited
+//! still gets everything the pipe holds.
 
 use std::collections::HashMap;
 use std::fs::File;
