@@ -42,9 +42,11 @@ $(BUILD)/.deps: Makefile $(TESTHOST)
 build: deps
 	$(CARGO) build --release --locked -p moat-shim
 	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-agent -p moat-vmm --target $(HOST_TRIPLE)
+	@# A static vsock client the tests run inside containers (not installed).
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked -p moat-integration --bin moat-vsock-probe --target $(HOST_TRIPLE)
 	@mkdir -p $(BIN)
 	cp target/release/moat target/release/containerd-shim-moat-v2 $(BIN)/
-	cp target/$(HOST_TRIPLE)/release/moat-agent target/$(HOST_TRIPLE)/release/moat-vmm $(BIN)/
+	cp target/$(HOST_TRIPLE)/release/moat-agent target/$(HOST_TRIPLE)/release/moat-vmm target/$(HOST_TRIPLE)/release/moat-vsock-probe $(BIN)/
 	rootfs/build-virtiofsd.sh $(BIN)/virtiofsd
 
 guest: build

@@ -1,7 +1,12 @@
 //! The agent's ttrpc API on vsock port [`AGENT_API_PORT`]: the `Agent` service of
 //! protocol/proto/agent.proto. Each call validates its ids and maps its error to a
 //! ttrpc code (error.rs); the work is in container.rs.
+//!
+//! Only the host may call: ttrpc accepts connections itself, so every call first
+//! checks its connection's peer ([`HostOnly`]), and a call from anyone else shuts
+//! the connection down before anything is done.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use moat_protocol::{agent_ttrpc, AGENT_API_PORT, PROTOCOL_VERSION};
@@ -10,7 +15,7 @@ use moat_protocol::{
     SignalProcessRequest, StartProcessResponse, StatsResponse, UpdateContainerRequest, VersionRequest,
     VersionResponse, WaitProcessResponse,
 };
-use ttrpc::TtrpcContext;
+use ttrpc::{MethodHandler, TtrpcContext};
 
 use crate::container;
 use crate::error::AgentError;
@@ -125,11 +130,37 @@ fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
+/// A method that runs only for the host: any other peer's connection is shut down.
+struct HostOnly(Box<dyn MethodHandler + Send + Sync>);
+
+impl MethodHandler for HostOnly {
+    fn handler(&self, ctx: TtrpcContext, req: ttrpc::Request) -> ttrpc::Result<()> {
+        if !crate::peer::admit(ctx.fd, AGENT_API_PORT) {
+            let _ = nix::sys::socket::shutdown(ctx.fd, nix::sys::socket::Shutdown::Both);
+            return Err(ttrpc::Error::RpcStatus(ttrpc::get_status(
+                ttrpc::Code::PERMISSION_DENIED,
+                "only the host may call the agent",
+            )));
+        }
+        self.0.handler(ctx, req)
+    }
+}
+
+/// Every method of `methods`, for the host only.
+fn host_only(
+    methods: HashMap<String, Box<dyn MethodHandler + Send + Sync>>,
+) -> HashMap<String, Box<dyn MethodHandler + Send + Sync>> {
+    methods
+        .into_iter()
+        .map(|(name, m)| (name, Box::new(HostOnly(m)) as Box<dyn MethodHandler + Send + Sync>))
+        .collect()
+}
+
 /// Starts serving; the returned server must be kept alive. Enough worker threads
 /// for many concurrent blocking calls (WaitProcess): ttrpc adds workers whenever
 /// fewer than `min` are idle, and lets idle ones above `max` go.
 pub fn serve() -> ttrpc::Result<ttrpc::Server> {
-    let service = agent_ttrpc::create_agent(Arc::new(AgentService));
+    let service = host_only(agent_ttrpc::create_agent(Arc::new(AgentService)));
     let mut server = ttrpc::Server::new()
         .bind(&format!("vsock://-1:{AGENT_API_PORT}"))?
         .register_service(service)
@@ -138,4 +169,50 @@ pub fn serve() -> ttrpc::Result<ttrpc::Server> {
         .set_thread_count_max(128);
     server.start()?;
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    struct Flag(Arc<AtomicBool>);
+
+    impl MethodHandler for Flag {
+        fn handler(&self, _ctx: TtrpcContext, _req: ttrpc::Request) -> ttrpc::Result<()> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A call on a connection whose peer is not the host never reaches the method,
+    /// fails with PermissionDenied, and its connection is shut down.
+    #[test]
+    fn calls_from_anyone_but_the_host_are_refused_and_their_connection_shut() {
+        let ran = Arc::new(AtomicBool::new(false));
+        let mut m: HashMap<String, Box<dyn MethodHandler + Send + Sync>> = HashMap::new();
+        m.insert("/moat.agent.v1.Agent/Version".into(), Box::new(Flag(ran.clone())));
+        let methods = host_only(m);
+        let (server_side, mut client_side) = std::os::unix::net::UnixStream::pair().expect("pair");
+        let (res_tx, _res_rx) = std::sync::mpsc::channel();
+        let cancel_rx = crossbeam::channel::never();
+        let ctx = TtrpcContext {
+            fd: server_side.as_raw_fd(),
+            cancel_rx,
+            mh: Default::default(),
+            res_tx,
+            metadata: HashMap::new(),
+            timeout_nano: 0,
+        };
+        let r = methods["/moat.agent.v1.Agent/Version"].handler(ctx, ttrpc::Request::default());
+        assert!(!ran.load(Ordering::SeqCst), "the method ran for a peer that is not the host");
+        match r {
+            Err(ttrpc::Error::RpcStatus(s)) => assert_eq!(s.code(), ttrpc::Code::PERMISSION_DENIED),
+            other => panic!("{other:?}"),
+        }
+        use std::io::Read;
+        let mut buf = [0u8; 1];
+        assert_eq!(client_side.read(&mut buf).expect("EOF, not an error"), 0, "the connection is shut down");
+    }
 }

@@ -1,10 +1,13 @@
 //! stdio of container processes. Each process gets pipes (or a pty when its spec
 //! asks for a terminal); the host attaches each stream as its own vsock connection to
-//! [`STDIO_PORT`], whose first line names the process and stream
-//! ([`StdioHeader`]). One copy thread per attached stream (so at most three per
-//! process) moves the bytes with blocking I/O: a slow reader backpressures the process
-//! through its pipe, nothing is buffered beyond the pipe, and an output stream
-//! attached after the process exited still gets everything the pipe holds.
+//! [`STDIO_PORT`], whose first line names the process and stream and carries the
+//! process's secret ([`StdioHeader`]). Only the host may connect (`peer.rs`), and a
+//! stream whose secret is not the one the process was created with is closed: the
+//! secret stays in the agent's memory and never reaches the container. One copy
+//! thread per attached stream (so at most three per process) moves the bytes with
+//! blocking I/O: a slow reader backpressures the process through its pipe, nothing is
+//! buffered beyond the pipe, and an output stream attached after the process exited
+//! still gets everything the pipe holds.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -14,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use moat_protocol::{StdioHeader, StreamKind, MAX_STDIO_HEADER, STDIO_PORT};
+use moat_protocol::{StdioHeader, StdioSecret, StreamKind, MAX_STDIO_HEADER, STDIO_PORT};
 use nix::fcntl::OFlag;
 use nix::sys::socket::{bind, listen, setsockopt, shutdown, socket, sockopt, AddressFamily, Backlog, Shutdown};
 use nix::sys::socket::{SockFlag, SockType, VsockAddr};
@@ -58,6 +61,8 @@ struct Stdin {
 /// The agent's side of one process's stdio.
 pub struct ProcessIo {
     who: String,
+    /// What each of the process's streams must present.
+    secret: StdioSecret,
     stdin: Mutex<Stdin>,
     stdout: Mutex<Out>,
     stderr: Mutex<Out>,
@@ -102,6 +107,8 @@ impl ProcessIo {
         size: Option<(u16, u16)>,
     ) -> Result<ProcessIo> {
         let who = who(container_id, exec_id);
+        let secret = StdioSecret::from_bytes(&stdio.secret)
+            .map_err(|e| AgentError::InvalidArgument(format!("{who}: stdio.secret: {e}")))?;
         let close_requested = Arc::new(AtomicBool::new(false));
         if terminal {
             if stdio.stderr {
@@ -113,6 +120,7 @@ impl ProcessIo {
             // `set_pty_master`); the helper gets placeholders here.
             return Ok(ProcessIo {
                 who,
+                secret,
                 stdin: Mutex::new(Stdin {
                     writer: None,
                     early: None,
@@ -147,6 +155,7 @@ impl ProcessIo {
         let (stderr_child, stderr) = out(stdio.stderr)?;
         Ok(ProcessIo {
             who,
+            secret,
             stdin: Mutex::new(Stdin {
                 writer: stdin_writer,
                 early: None,
@@ -429,6 +438,9 @@ fn accept_loop(listener: OwnedFd) {
                 continue;
             }
         };
+        if !crate::peer::admit(conn.as_raw_fd(), STDIO_PORT) {
+            continue;
+        }
         if pending.fetch_add(1, Ordering::SeqCst) >= MAX_PENDING_HEADERS {
             pending.fetch_sub(1, Ordering::SeqCst);
             log::warn!("stdio: too many connections without a header; closing one");
@@ -436,13 +448,15 @@ fn accept_loop(listener: OwnedFd) {
         }
         let pending = pending.clone();
         spawn(move || {
-            handle(conn);
+            handle(registry(), conn);
             pending.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
 
-fn handle(conn: OwnedFd) {
+/// Reads a new stream's header and attaches the stream to its process if the header
+/// carries the process's secret; otherwise the stream is closed (dropped).
+fn handle(reg: &Registry, conn: OwnedFd) {
     let timeout = TimeVal::new(HEADER_TIMEOUT.as_secs() as _, 0);
     if let Err(e) = setsockopt(&conn, sockopt::ReceiveTimeout, &timeout) {
         log::warn!("stdio: cannot set a header timeout: {e}");
@@ -452,38 +466,46 @@ fn handle(conn: OwnedFd) {
     let header = match read_header(&mut file) {
         Ok(h) => h,
         Err(e) => {
-            log::warn!("stdio: connection refused: {e}");
+            crate::peer::log_refusal(format_args!("stdio: stream refused: {e}"));
             return;
         }
     };
-    let _ = setsockopt(&file, sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
-    match registry().get(&header) {
-        Some(io) => {
-            log::debug!("{}: {:?} stream attached", who(&header.container_id, &header.exec_id), header.stream);
-            io.attach(header.stream, file);
-        }
-        None => log::warn!(
-            "stdio: {} has no process: {:?} stream closed",
-            who(&header.container_id, &header.exec_id),
-            header.stream
-        ),
+    let name = who(&header.container_id, &header.exec_id);
+    let Some(io) = reg.get(&header) else {
+        crate::peer::log_refusal(format_args!("stdio: {name} has no process: {:?} stream closed", header.stream));
+        return;
+    };
+    if io.secret != header.secret {
+        crate::peer::log_refusal(format_args!("stdio: {name}: {:?} stream with a wrong secret closed", header.stream));
+        return;
     }
+    let _ = setsockopt(&file, sockopt::ReceiveTimeout, &TimeVal::new(0, 0));
+    log::debug!("{name}: {:?} stream attached", header.stream);
+    io.attach(header.stream, file);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const SECRET: [u8; moat_protocol::STDIO_SECRET_LEN] = [0x5a; moat_protocol::STDIO_SECRET_LEN];
+
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
     #[test]
     fn headers_are_read_exactly_to_the_newline() {
-        let mut input: &[u8] = b"c1 - stdout\nPAYLOAD";
+        let line = format!("c1 - stdout {}\nPAYLOAD", hex(&SECRET));
+        let mut input = line.as_bytes();
         let h = read_header(&mut input).expect("header");
         assert_eq!(h.container_id, "c1");
         assert_eq!(h.exec_id, "");
         assert_eq!(h.stream, StreamKind::Stdout);
+        assert_eq!(h.secret, StdioSecret::from_bytes(&SECRET).expect("secret"));
         assert_eq!(input, b"PAYLOAD", "the payload is left in the stream");
-        let mut input: &[u8] = b"c1 e2 stdin\n";
-        assert_eq!(read_header(&mut input).map(|h| h.exec_id), Ok("e2".into()));
+        let line = format!("c1 e2 stdin {}\n", hex(&SECRET));
+        assert_eq!(read_header(&mut line.as_bytes()).map(|h| h.exec_id), Ok("e2".into()));
     }
 
     #[test]
@@ -491,12 +513,73 @@ mod tests {
         let long = vec![b'a'; MAX_STDIO_HEADER + 10];
         assert!(read_header(&mut long.as_slice()).expect_err("long").contains("longer than"));
         assert!(read_header(&mut &b"c1 - stdout"[..]).is_err(), "no newline before EOF");
+        assert!(read_header(&mut &b"c1 - stdout\n"[..]).is_err(), "no secret");
         assert!(read_header(&mut &b"c1 - video\n"[..]).is_err());
         assert!(read_header(&mut &b"\xff - stdin\n"[..]).is_err());
     }
 
     fn stdio(i: bool, o: bool, e: bool) -> moat_protocol::Stdio {
-        moat_protocol::Stdio { stdin: i, stdout: o, stderr: e, ..Default::default() }
+        moat_protocol::Stdio { stdin: i, stdout: o, stderr: e, secret: SECRET.to_vec(), ..Default::default() }
+    }
+
+    /// Opens a stream to `reg` as the host would: the header line, then the stream.
+    fn open(reg: &'static Registry, line: &str) -> std::os::unix::net::UnixStream {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
+        (&ours).write_all(line.as_bytes()).expect("header");
+        let t = std::thread::spawn(move || handle(reg, OwnedFd::from(theirs)));
+        t.join().expect("handle");
+        ours.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        ours
+    }
+
+    /// A stream is attached only with its process's secret: a missing or wrong one
+    /// (or another process's) gets the stream closed at once, with nothing sent, and
+    /// leaves the stream free for the right one.
+    #[test]
+    fn streams_without_the_process_secret_are_closed() {
+        let reg: &'static Registry = Box::leak(Box::default());
+        let io = Arc::new(ProcessIo::new("c", "e", &stdio(false, true, false), false, None).expect("io"));
+        reg.insert("c", "e", io.clone());
+        let mut other = stdio(false, true, false);
+        other.secret = vec![0x11; moat_protocol::STDIO_SECRET_LEN];
+        reg.insert("d", "", Arc::new(ProcessIo::new("d", "", &other, false, None).expect("io")));
+        let [_stdin, stdout, _stderr] = io.take_child_fds().expect("fds");
+        let mut w = File::from(stdout);
+        w.write_all(b"for the host only\n").expect("write");
+        drop(w);
+        let mut wrong = SECRET;
+        wrong[31] ^= 1;
+        let refused = [
+            "c e stdout\n".to_string(),
+            format!("c e stdout {}\n", hex(&wrong)),
+            format!("c e stdout {}\n", hex(&[0x11; 32])),
+            format!("c e stdout {}\n", hex(&[0; 32])),
+        ];
+        for line in &refused {
+            let mut s = open(reg, line);
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).expect("closed at once");
+            assert!(got.is_empty(), "{line:?} got {got:?}");
+        }
+        let mut s = open(reg, &format!("c e stdout {}\n", hex(&SECRET)));
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("read");
+        assert_eq!(got, b"for the host only\n");
+        // A secret is good for its own process only.
+        let mut s = open(reg, &format!("d - stdout {}\n", hex(&SECRET)));
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("closed");
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn a_process_without_a_proper_secret_is_refused() {
+        for len in [0, 16, 31, 33] {
+            let mut s = stdio(false, true, false);
+            s.secret = vec![1; len];
+            let e = ProcessIo::new("c", "", &s, false, None).err().expect("refused");
+            assert!(matches!(&e, AgentError::InvalidArgument(m) if m.contains("secret")), "{e:?}");
+        }
     }
 
     #[test]

@@ -114,6 +114,9 @@ fn serve(shared: &Arc<Shared>) -> nix::Result<()> {
                 continue;
             }
         };
+        if !crate::peer::admit(conn.as_raw_fd(), AGENT_LOG_PORT) {
+            continue;
+        }
         let generation = shared.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let shared = shared.clone();
         std::thread::spawn(move || write_lines(&shared, conn, generation));

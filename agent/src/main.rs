@@ -3,7 +3,7 @@
 //! It sets up the guest's basic filesystems, tells the VMM it is ready (a write to the
 //! VMM's control port, so the VMM can time the boot without watching the console), and
 //! then serves the host: the ttrpc API on vsock port 1024 (`api.rs`), stdio streams
-//! (`io.rs`) and its own log (`logger.rs`). Containers are built by re-executing this
+//! (`io.rs`) and its own log (`logger.rs`), to the host's CID only (`peer.rs`). Containers are built by re-executing this
 //! binary as `moat-agent __init` (`child.rs`), so the multi-threaded agent never runs
 //! anything complex after a fork. On the kernel command line, `moat.poweroff` powers
 //! the guest off as soon as it is ready, and `moat.selftest` exercises the virtio
@@ -19,6 +19,7 @@ mod init;
 mod io;
 mod logger;
 mod mounts;
+mod peer;
 mod process;
 mod reaper;
 mod seccomp;

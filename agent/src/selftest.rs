@@ -78,6 +78,9 @@ fn listen_echo() -> nix::Result<OwnedFd> {
 fn serve_echo(listener: OwnedFd) {
     loop {
         let Ok(conn) = crate::sys::accept_owned(&listener) else { continue };
+        if !crate::peer::admit(conn.as_raw_fd(), ECHO_PORT) {
+            continue;
+        }
         std::thread::spawn(move || {
             let stream = std::fs::File::from(conn);
             let Ok(mut out) = stream.try_clone() else { return };

@@ -76,6 +76,9 @@ pub struct MoatConfig {
     /// Most MiB the image cache may hold before `moat run` evicts unused images; 0 is
     /// no limit.
     pub image_cache_mib: u64,
+    /// Give a container whose spec has no seccomp profile moat's default one (unless
+    /// the container is privileged).
+    pub default_seccomp: bool,
 }
 
 /// What an operator allows one microVM to ask for, and where that figure comes from,
@@ -193,6 +196,7 @@ struct ConfigFile {
     max_vcpus: Option<u64>,
     max_memory_mib: Option<u64>,
     image_cache_mib: Option<u64>,
+    default_seccomp: Option<bool>,
 }
 
 /// Why the host config could not be loaded.
@@ -251,6 +255,7 @@ impl MoatConfig {
             max_vcpus: host.vcpu_limit(),
             max_memory_mib: host.memory_limit(),
             image_cache_mib: DEFAULT_IMAGE_CACHE_MIB,
+            default_seccomp: true,
         }
     }
 
@@ -385,6 +390,7 @@ impl MoatConfig {
             max_vcpus,
             max_memory_mib,
             image_cache_mib: file.image_cache_mib.unwrap_or(defaults.image_cache_mib),
+            default_seccomp: file.default_seccomp.unwrap_or(defaults.default_seccomp),
         })
     }
 }
@@ -586,7 +592,7 @@ mod tests {
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 12, "{uncommented}");
+        assert!(uncommented.lines().filter(|l| l.contains(" = ") && !l.starts_with('#')).count() >= 13, "{uncommented}");
         let file = LimitOrigin::File(path.into());
         let other = MoatConfig {
             vmm: "/x/vmm".into(),
@@ -608,6 +614,7 @@ mod tests {
             max_vcpus: Limit { key: "max_vcpus", value: 3, origin: file.clone() },
             max_memory_mib: Limit { key: "max_memory_mib", value: 999, origin: file },
             image_cache_mib: d.image_cache_mib + 1,
+            default_seccomp: !d.default_seccomp,
         };
         assert_eq!(MoatConfig::from_toml_on(path, &uncommented, other, HOST).expect("uncommented"), d);
     }
@@ -631,6 +638,14 @@ mod tests {
         let e = parse("jail_uid = 0").expect_err("root").to_string();
         assert!(e.contains("jail_uid and jail_gid must be unprivileged"), "{e}");
         assert!(parse("cgroup_parent = \"moat\"").expect_err("relative").to_string().contains("cgroup_parent must be an absolute path"));
+    }
+
+    #[test]
+    fn default_seccomp_is_on_unless_turned_off() {
+        assert!(defaults().default_seccomp);
+        assert!(!parse("default_seccomp = false").expect("off").default_seccomp);
+        assert!(parse("default_seccomp = true").expect("on").default_seccomp);
+        assert!(parse("default_seccomp = 0").is_err(), "a boolean, not a number");
     }
 
     #[test]

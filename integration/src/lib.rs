@@ -38,6 +38,19 @@ pub fn artifact(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} not found (looked in {candidates:?}); run `make install` or `make guest`"))
 }
 
+/// The static `moat-vsock-probe` (`make build` puts it in build/bin), which tests run
+/// inside containers to see which vsock addresses they reach.
+pub fn vsock_probe() -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let candidates =
+        [repo.join("build/bin/moat-vsock-probe"), repo.join("target/x86_64-unknown-linux-gnu/release/moat-vsock-probe")];
+    candidates
+        .iter()
+        .find(|p| p.exists())
+        .cloned()
+        .unwrap_or_else(|| panic!("moat-vsock-probe not found (looked in {candidates:?}); run `make build`"))
+}
+
 /// One of the test images `make images` builds from busybox-static (integration/mkimage.py):
 /// `busybox-oci` (OCI layout), `busybox.tar` (docker-save) or `busybox-rootfs`.
 pub fn test_image(name: &str) -> PathBuf {

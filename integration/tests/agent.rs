@@ -14,15 +14,20 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use moat_config::DEFAULT_CMDLINE;
-use moat_integration::{artifact, kvm_boots_linux};
+use moat_integration::{artifact, kvm_boots_linux, vsock_probe};
 use moat_protocol::{
     AgentClient, ContainerRef, CreateContainerRequest, ExecProcessRequest, ProcessRef, ResizePtyRequest,
-    SignalProcessRequest, StdioHeader, Storage, StreamKind, VersionRequest, AGENT_API_PORT, PROTOCOL_VERSION,
-    STDIO_PORT,
+    SignalProcessRequest, StdioHeader, StdioSecret, Storage, StreamKind, VersionRequest, AGENT_API_PORT,
+    PROTOCOL_VERSION, STDIO_PORT, STDIO_SECRET_LEN,
 };
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 const ROOTFS: &str = "/run/moat/rootfs";
+/// The stdio secret of every process these tests make, but the one
+/// `stdio_needs_the_process_secret` makes with its own.
+const TEST_SECRET: [u8; STDIO_SECRET_LEN] = [0x42; STDIO_SECRET_LEN];
+/// A host port the container's vsock probe may reach (a listener the test makes).
+const HOST_ECHO_PORT: u32 = 5000;
 
 fn ctx() -> ttrpc::context::Context {
     ttrpc::context::with_timeout(120_000_000_000)
@@ -46,7 +51,11 @@ fn make_rootfs_image(dir: &Path) -> PathBuf {
     }
     std::fs::write(root.join("bin/not-executable"), b"#!/bin/sh\necho no\n").expect("write");
     set_mode(&root.join("bin/not-executable"), 0o644);
-    std::fs::write(root.join("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\n").expect("passwd");
+    let probe = std::fs::read(vsock_probe()).expect("read moat-vsock-probe");
+    assert!(!has_interpreter(&probe), "moat-vsock-probe is dynamically linked; build it with `make build`");
+    std::fs::write(root.join("bin/vsock-probe"), &probe).expect("copy moat-vsock-probe");
+    set_mode(&root.join("bin/vsock-probe"), 0o755);
+    std::fs::write(root.join("etc/passwd"), b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/tmp:/bin/sh\n").expect("passwd");
     let image = dir.join("rootfs.ext4");
     let out = Command::new("mke2fs")
         .args(["-q", "-F", "-t", "ext4", "-d"])
@@ -139,11 +148,17 @@ impl Vm {
         agent_at(&self.uds)
     }
 
-    /// A stdio stream of process (cid, eid).
+    /// A stdio stream of process (cid, eid), made with [`TEST_SECRET`].
     fn stream(&self, cid: &str, eid: &str, kind: StreamKind) -> UnixStream {
+        let secret = StdioSecret::from_bytes(&TEST_SECRET).expect("32 bytes");
+        let h = StdioHeader { container_id: cid.into(), exec_id: eid.into(), stream: kind, secret };
+        self.stream_with_header(&h.to_line())
+    }
+
+    /// A stdio stream opened with any header line.
+    fn stream_with_header(&self, line: &str) -> UnixStream {
         let mut s = self.connect(STDIO_PORT);
-        let h = StdioHeader { container_id: cid.into(), exec_id: eid.into(), stream: kind };
-        s.write_all(h.to_line().as_bytes()).expect("header");
+        s.write_all(line.as_bytes()).expect("header");
         s.set_read_timeout(Some(Duration::from_secs(120))).expect("timeout");
         s
     }
@@ -238,7 +253,8 @@ fn spec(args: &[&str], extra: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
 }
 
 fn stdio(i: bool, o: bool, e: bool) -> protobuf::MessageField<moat_protocol::Stdio> {
-    protobuf::MessageField::some(moat_protocol::Stdio { stdin: i, stdout: o, stderr: e, ..Default::default() })
+    let secret = TEST_SECRET.to_vec();
+    protobuf::MessageField::some(moat_protocol::Stdio { stdin: i, stdout: o, stderr: e, secret, ..Default::default() })
 }
 
 fn create(a: &AgentClient, id: &str, spec: Vec<u8>, io: protobuf::MessageField<moat_protocol::Stdio>) {
@@ -560,6 +576,81 @@ fn limits_stats_and_remove(vm: &Vm, a: &AgentClient) {
     println!("ok: pause/resume, remove, and the id reused");
 }
 
+/// A stdio stream is attached only with its process's secret: one without a secret
+/// (protocol 2's header), with a wrong one or with another process's is closed at
+/// once and gets nothing; the right one then gets the whole output.
+fn stdio_needs_the_process_secret(vm: &Vm, a: &AgentClient) {
+    let own = [0x17u8; STDIO_SECRET_LEN];
+    let mut io = stdio(false, true, false);
+    io.as_mut().expect("stdio").secret = own.to_vec();
+    create(a, "secret", spec(&["echo", "for the host only"], |_| {}), io);
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let mut wrong = own;
+    wrong[0] ^= 0x80;
+    let refused = [
+        ("no secret", "secret - stdout\n".to_string()),
+        ("a wrong secret", format!("secret - stdout {}\n", hex(&wrong))),
+        ("another process's secret", format!("secret - stdout {}\n", hex(&TEST_SECRET))),
+    ];
+    for (what, line) in &refused {
+        let mut s = vm.stream_with_header(line);
+        // Closed at once: EOF well before this timeout (an attached stream would
+        // wait for output, and the process has not started).
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got);
+        assert!(r.is_ok() && got.is_empty(), "a stream with {what} was not closed at once: {r:?}, {got:?}");
+    }
+    let out = vm.stream_with_header(&format!("secret - stdout {}\n", hex(&own)));
+    start(a, "secret", "");
+    assert_eq!(read_all(out), b"for the host only\n");
+    assert_eq!(wait(a, "secret", ""), 0);
+    remove(a, "secret");
+    println!("ok: stdio streams without, with a wrong and with another process's secret closed; the right one attached");
+}
+
+/// No container reaches the agent over vsock: from inside a container without a
+/// seccomp profile (so socket(AF_VSOCK) works), as root and as a user, connecting to
+/// CID 1 (local), 2 (the host, where nothing listens on these ports) and 3 (the
+/// guest's own) on the API and stdio ports fails. A host port with a listener is
+/// reached, which shows the probe itself works.
+fn containers_cannot_reach_the_agent(vm: &Vm, a: &AgentClient) {
+    let listener_path = PathBuf::from(format!("{}_{HOST_ECHO_PORT}", vm.uds.display()));
+    let listener = std::os::unix::net::UnixListener::bind(&listener_path).expect("host listener");
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            drop(conn);
+        }
+    });
+    let mut targets = vec![format!("2:{HOST_ECHO_PORT}")];
+    for cid in [1, 2, 3] {
+        for port in [AGENT_API_PORT, STDIO_PORT] {
+            targets.push(format!("{cid}:{port}"));
+        }
+    }
+    for (name, uid) in [("probe-root", 0), ("probe-user", 1000)] {
+        let mut args = vec!["/bin/vsock-probe"];
+        args.extend(targets.iter().map(String::as_str));
+        let spec = spec(&args, |v| v["process"]["user"] = serde_json::json!({"uid": uid, "gid": uid}));
+        create(a, name, spec, stdio(false, true, true));
+        let out = vm.stream(name, "", StreamKind::Stdout);
+        let err = vm.stream(name, "", StreamKind::Stderr);
+        start(a, name, "");
+        let text = String::from_utf8_lossy(&read_all(out)).into_owned();
+        let errors = String::from_utf8_lossy(&read_all(err)).into_owned();
+        assert_eq!(wait(a, name, ""), 0, "{text} {errors}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), targets.len(), "uid {uid}: {text} {errors}");
+        assert_eq!(lines[0], format!("2:{HOST_ECHO_PORT} connected"), "uid {uid}: the probe reaches a host listener");
+        for (line, target) in lines[1..].iter().zip(&targets[1..]) {
+            assert!(line.starts_with(&format!("{target} connect-failed ")), "uid {uid}: {line}");
+        }
+        remove(a, name);
+        println!("ok: uid {uid} in a container cannot connect to the agent ports: {}", lines[1..].join(", "));
+    }
+    let _ = std::fs::remove_file(&listener_path);
+}
+
 #[test]
 #[ignore = "boots Linux: run through `make test-kvm`"]
 fn agent_runs_containers() {
@@ -574,6 +665,8 @@ fn agent_runs_containers() {
     assert_eq!(v.protocol, PROTOCOL_VERSION);
 
     output_and_status(&vm, &a);
+    stdio_needs_the_process_secret(&vm, &a);
+    containers_cannot_reach_the_agent(&vm, &a);
     stdin_round_trip(&vm, &a);
     exec_errors(&a);
     exec_signal_and_terminal(&vm, &a);

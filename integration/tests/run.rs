@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use moat_integration::{artifact, kvm_boots_linux, test_image};
+use moat_integration::{artifact, kvm_boots_linux, test_image, vsock_probe};
 use sha2::{Digest, Sha256};
 
 /// Longest a single `moat run` may take here before the test calls it a hang.
@@ -106,6 +106,18 @@ fn run_with(args: &[&str], stdin: Option<Vec<u8>>) -> Out {
 
 fn run(args: &[&str]) -> Out {
     run_with(args, None)
+}
+
+/// `moat run ARGS` with the host config file `config` ($MOAT_CONFIG).
+fn run_with_config(config: &Path, args: &[&str]) -> Out {
+    let out = moat_cmd(args)
+        .env("MOAT_CONFIG", config)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run moat");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("MOAT_CONFIG={} moat run {args:?} -> {:?}\n  stderr: {}", config.display(), out.status, stderr.trim_end());
+    Out { status: out.status, stdout: out.stdout, stderr }
 }
 
 fn sha256(data: &[u8]) -> String {
@@ -661,4 +673,43 @@ fn tty_with_resize() {
     m_write.write_all(b"q\n").expect("write q");
     let status = wait_or_kill(&mut child, RUN_TIMEOUT, "moat -t");
     assert_eq!(status.code(), Some(7), "tty output: {seen:?}");
+}
+
+/// No container reaches the agent over vsock, as root or as a user. With moat's
+/// default seccomp profile (what `moat run` gives) socket(AF_VSOCK) itself fails;
+/// with the profile turned off in the host config (`default_seccomp = false`, a spec
+/// without seccomp) the socket is made but connecting to CID 1 (local), 2 (the host,
+/// where nothing listens on these ports) or 3 (the guest itself) on the agent's API
+/// and stdio ports fails.
+#[test]
+#[ignore = "boots Linux: run through `make test-kvm`"]
+fn containers_cannot_reach_the_agent_over_vsock() {
+    require_kvm();
+    let dir = TempDir::new("vsock");
+    std::fs::copy(vsock_probe(), dir.path().join("vsock-probe")).expect("copy moat-vsock-probe");
+    let on = dir.path().join("seccomp-on.toml");
+    let off = dir.path().join("seccomp-off.toml");
+    std::fs::write(&on, "default_seccomp = true\n").expect("config");
+    std::fs::write(&off, "default_seccomp = false\n").expect("config");
+    let vol = format!("{}:/probe:ro", dir.s());
+    let targets: Vec<String> = ["1", "2", "3"].iter().flat_map(|cid| ["1024", "1025"].map(|port| format!("{cid}:{port}"))).collect();
+    let image = img("busybox-oci");
+    for (config, stage) in [(&on, "socket-failed"), (&off, "connect-failed")] {
+        for user in ["0:0", "1000:1000"] {
+            let mut args = vec!["-u", user, "-v", &vol, &image, "--", "/probe/vsock-probe"];
+            args.extend(targets.iter().map(String::as_str));
+            let o = run_with_config(config, &args);
+            assert_eq!(o.code(), 0, "{}", o.stderr);
+            let text = o.text();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), targets.len(), "{text}");
+            for (line, target) in lines.iter().zip(&targets) {
+                assert!(line.starts_with(&format!("{target} {stage} ")), "{} as {user}: {line}", config.display());
+            }
+            if stage == "socket-failed" {
+                assert!(lines.iter().all(|l| l.ends_with("EAFNOSUPPORT")), "{text}");
+            }
+            println!("ok: {} as {user}: {}", config.display(), lines.join(", "));
+        }
+    }
 }

@@ -27,7 +27,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use moat_protocol::StreamKind;
+use moat_protocol::{StdioSecret, StreamKind};
 use nix::fcntl::OFlag;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 
@@ -167,12 +167,14 @@ pub struct ProcessIo {
 
 impl ProcessIo {
     /// Opens the paths, connects the guest's streams of (`container`, `exec`) through
-    /// the vsock socket `uds`, and starts copying. Call it after the agent knows the
-    /// process and before it starts. `on_stdin_eof` runs when stdin has ended.
+    /// the vsock socket `uds` with the process's `secret`, and starts copying. Call it
+    /// after the agent knows the process and before it starts. `on_stdin_eof` runs
+    /// when stdin has ended.
     pub fn attach(
         uds: &Path,
         container: &str,
         exec: &str,
+        secret: &StdioSecret,
         paths: &IoPaths,
         on_stdin_eof: impl FnOnce() + Send + 'static,
     ) -> Result<ProcessIo, IoError> {
@@ -182,7 +184,7 @@ impl ProcessIo {
         let out = want_out.then(|| open_output("stdout", &paths.stdout)).transpose()?;
         let err = want_err.then(|| open_output("stderr", &paths.stderr)).transpose()?;
         let input = want_in.then(|| input_path(&paths.stdin)).transpose()?;
-        let stream = |kind, name| open_stream(uds, container, exec, kind).map_err(|e| IoError::Stream(name, e));
+        let stream = |kind, name| open_stream(uds, container, exec, kind, secret).map_err(|e| IoError::Stream(name, e));
         let mut outputs = Vec::new();
         if let Some(f) = out {
             outputs.push(copy_out(stream(StreamKind::Stdout, "stdout")?, f));

@@ -4,6 +4,7 @@
 //! [`image`] turns an image into a root directory, [`spec`] builds the OCI runtime
 //! spec the agent reads, [`sandbox`] starts the fs backend and the VMM and dials the
 //! agent, [`agent`] and [`stdio`] talk to it, and [`run`] ties them into `moat run`.
+//! Both give a container without a seccomp profile moat's default one ([`seccomp`]).
 //! For a container manager, [`pod`] runs containers from OCI bundles ([`oci`],
 //! [`mounts`]) in one shared sandbox, tracks each process with the [`task`] state
 //! machine and copies its stdio to the manager's FIFOs ([`fifo`]); [`procs`] records
@@ -29,6 +30,7 @@ pub mod cgroup;
 pub mod run;
 pub mod safefs;
 pub mod sandbox;
+pub mod seccomp;
 pub mod stdio;
 pub mod task;
 pub mod tty;

@@ -5,7 +5,9 @@
 //! The guest sees the host only through the pod's virtio-fs share: the rootfs and
 //! every host file or directory a bind mount names are mounted under the share, and
 //! the spec points at them there. Host-only settings (namespace paths of the host,
-//! the host cgroup path, hooks that run host binaries) are dropped.
+//! the host cgroup path, hooks that run host binaries) are dropped. A spec without a
+//! seccomp profile gets moat's default one (`seccomp.rs`) unless it is privileged or
+//! the host config turned that off.
 
 use std::path::{Path, PathBuf};
 
@@ -135,7 +137,8 @@ fn is_bind(m: &Map<String, Value>) -> bool {
 
 /// Rewrites a bundle's spec for the guest; returns it and the host binds to make
 /// under the container's dir in the share before the guest uses it.
-pub fn guest_spec(mut spec: Value, layout: &GuestLayout) -> Result<(Value, Vec<HostBind>), OciError> {
+/// `default_seccomp` is the host config's key of that name.
+pub fn guest_spec(mut spec: Value, layout: &GuestLayout, default_seccomp: bool) -> Result<(Value, Vec<HostBind>), OciError> {
     let obj = spec.as_object_mut().ok_or(OciError::Field { field: "(top)", what: "an object" })?;
     let readonly = obj.get("root").and_then(|r| r.get("readonly")).and_then(Value::as_bool).unwrap_or(false);
     obj.insert("root".into(), serde_json::json!({"path": layout.guest_rootfs(), "readonly": readonly}));
@@ -180,6 +183,10 @@ pub fn guest_spec(mut spec: Value, layout: &GuestLayout) -> Result<(Value, Vec<H
                 n.remove("path");
             }
         }
+    }
+    match crate::seccomp::apply_default(&mut spec, default_seccomp) {
+        crate::seccomp::Decision::Applied => log::debug!("{}: moat's default seccomp profile applied", layout.guest_dir),
+        d => log::debug!("{}: no default seccomp profile ({d:?})", layout.guest_dir),
     }
     Ok((spec, binds))
 }
@@ -256,7 +263,7 @@ mod tests {
             }
         });
         let layout = GuestLayout { bundle: bundle.path().into(), guest_dir: "/run/moat/shared/c1".into(), guest_vol_dir: "/run/moat/volumes/c1".into() };
-        let (g, binds) = guest_spec(spec, &layout).expect("rewrite");
+        let (g, binds) = guest_spec(spec, &layout, true).expect("rewrite");
         assert_eq!(g["root"], json!({"path": "/run/moat/shared/c1/rootfs", "readonly": true}));
         assert!(g.get("hooks").is_none());
         assert_eq!(g["mounts"][0]["type"], "proc");
@@ -274,16 +281,39 @@ mod tests {
         assert_eq!(g["linux"]["namespaces"], json!([{"type": "pid"}, {"type": "ipc"}, {"type": "mount"}]));
         assert_eq!(g["linux"]["resources"]["pids"]["limit"], 10);
         assert_eq!(g["process"]["args"], json!(["sh"]));
+        // No capabilities and no profile: moat's default profile.
+        assert_eq!(g["linux"]["seccomp"], crate::seccomp::default_profile(&[]));
+    }
+
+    /// The default seccomp profile as containerd's bundles meet it: a spec without a
+    /// profile gets it, a privileged one does not, one with its own keeps it, and the
+    /// host config can turn it off.
+    #[test]
+    fn bundles_get_the_default_seccomp_profile_by_the_rule() {
+        let layout = GuestLayout { bundle: "/nonexistent".into(), guest_dir: "/g".into(), guest_vol_dir: "/v".into() };
+        let caps = |c: &[&str]| json!({"bounding": c, "effective": c, "permitted": c});
+        let plain = json!({"process": {"args": ["sh"], "capabilities": caps(&["CAP_CHOWN", "CAP_SYS_CHROOT"])}, "linux": {}});
+        let (g, _) = guest_spec(plain.clone(), &layout, true).expect("rewrite");
+        assert_eq!(g["linux"]["seccomp"], crate::seccomp::default_profile(&["CAP_CHOWN", "CAP_SYS_CHROOT"]));
+        let (g, _) = guest_spec(plain, &layout, false).expect("rewrite");
+        assert!(g["linux"].get("seccomp").is_none(), "default_seccomp = false");
+        let privileged = json!({"process": {"args": ["sh"], "capabilities": caps(&["CAP_CHOWN", "CAP_SYS_ADMIN"])}, "linux": {}});
+        let (g, _) = guest_spec(privileged, &layout, true).expect("rewrite");
+        assert!(g["linux"].get("seccomp").is_none(), "privileged");
+        let own = json!({"defaultAction": "SCMP_ACT_LOG"});
+        let with_own = json!({"process": {"args": ["sh"]}, "linux": {"seccomp": own}});
+        let (g, _) = guest_spec(with_own, &layout, true).expect("rewrite");
+        assert_eq!(g["linux"]["seccomp"], own);
     }
 
     #[test]
     fn unusable_binds_are_named() {
         let layout = GuestLayout { bundle: "/nonexistent".into(), guest_dir: "/g".into(), guest_vol_dir: "/v".into() };
         let spec = json!({"mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/x"}]});
-        let e = guest_spec(spec, &layout).expect_err("missing").to_string();
+        let e = guest_spec(spec, &layout, true).expect_err("missing").to_string();
         assert!(e.starts_with("mount /x: bind source /nonexistent/x"), "{e}");
         let spec = json!({"mounts": [{"destination": "/n", "type": "bind", "source": "/dev/null"}]});
-        let e = guest_spec(spec, &layout).expect_err("device").to_string();
+        let e = guest_spec(spec, &layout, true).expect_err("device").to_string();
         assert!(e.contains("neither a file nor a directory"), "{e}");
     }
 }

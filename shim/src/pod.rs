@@ -14,10 +14,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use moat_config::MoatConfig;
-use moat_protocol::{CreateContainerRequest, ExecProcessRequest, StatsResponse, Stdio as ProtoStdio};
+use moat_protocol::{CreateContainerRequest, ExecProcessRequest, StatsResponse, Stdio as ProtoStdio, StdioSecret};
 
 use crate::agent::{Agent, AgentError, ProcessId};
 use crate::fifo::{attached, IoError, ProcessIo};
+use crate::stdio::new_secret;
 use crate::mounts::{self, MountError, MountSpec};
 use crate::oci::{self, GuestLayout, OciError};
 use crate::safefs::Beneath;
@@ -280,7 +281,7 @@ impl Pod {
             guest_dir: format!("{GUEST_SHARED}/{}", req.id),
             guest_vol_dir: format!("{GUEST_VOLUMES}/{}", req.id),
         };
-        let (mut guest, binds) = oci::guest_spec(spec, &layout)?;
+        let (mut guest, binds) = oci::guest_spec(spec, &layout, self.cfg.default_seccomp)?;
         if let Some(p) = guest.get_mut("process").and_then(|p| p.as_object_mut()) {
             p.insert("terminal".into(), req.io.terminal.into());
         }
@@ -299,19 +300,26 @@ impl Pod {
             undo_mounts();
             return Err(e);
         }
+        let secret = match new_secret() {
+            Ok(s) => s,
+            Err(e) => {
+                undo_mounts();
+                return Err(TaskError::Internal(format!("cannot make the stdio secret: {e}")));
+            }
+        };
         let (stdin, stdout, stderr) = attached(&req.io);
         let create = CreateContainerRequest {
             container_id: req.id.clone(),
             spec: guest.to_string().into_bytes(),
             storages: sb.storages(),
-            stdio: Some(ProtoStdio { stdin, stdout, stderr, ..Default::default() }).into(),
+            stdio: Some(ProtoStdio { stdin, stdout, stderr, secret: secret.as_bytes().to_vec(), ..Default::default() }).into(),
             ..Default::default()
         };
         if let Err(e) = agent.create_container(&create) {
             undo_mounts();
             return Err(TaskError::agent("CreateContainer", e));
         }
-        let io = match Self::attach(&agent, sb.vsock_path(), &req.id, "", &req.io) {
+        let io = match Self::attach(&agent, sb.vsock_path(), &req.id, "", &secret, &req.io) {
             Ok(io) => io,
             Err(e) => {
                 let _ = agent.remove_container(&req.id);
@@ -322,10 +330,10 @@ impl Pod {
         Ok((pid, Arc::new(Proc { p: Process::new(&req.id, "", req.io.clone()), io })))
     }
 
-    fn attach(agent: &Agent, uds: &Path, id: &str, exec: &str, io: &IoPaths) -> Result<ProcessIo, TaskError> {
+    fn attach(agent: &Agent, uds: &Path, id: &str, exec: &str, secret: &StdioSecret, io: &IoPaths) -> Result<ProcessIo, TaskError> {
         let (a, p) = (agent.clone(), ProcessId { container: id.to_string(), exec: exec.to_string() });
         let who = format!("{id}/{exec}");
-        Ok(ProcessIo::attach(uds, id, exec, io, move || {
+        Ok(ProcessIo::attach(uds, id, exec, secret, io, move || {
             if let Err(e) = a.close_stdin(&p) {
                 log::debug!("{who}: CloseStdin: {e}");
             }
@@ -372,16 +380,17 @@ impl Pod {
         if state != TaskState::Running {
             return Err(TaskError::FailedPrecondition(format!("container {id} is {state:?}, not Running: cannot exec in it")));
         }
+        let secret = new_secret().map_err(|e| TaskError::Internal(format!("cannot make the stdio secret: {e}")))?;
         let (stdin, stdout, stderr) = attached(&io);
         let req = ExecProcessRequest {
             container_id: id.into(),
             exec_id: exec.into(),
             process: process.to_string().into_bytes(),
-            stdio: Some(ProtoStdio { stdin, stdout, stderr, ..Default::default() }).into(),
+            stdio: Some(ProtoStdio { stdin, stdout, stderr, secret: secret.as_bytes().to_vec(), ..Default::default() }).into(),
             ..Default::default()
         };
         agent.exec_process(&req).map_err(|e| TaskError::agent("ExecProcess", e))?;
-        let pio = Self::attach(&agent, &uds, id, exec, &io)?;
+        let pio = Self::attach(&agent, &uds, id, exec, &secret, &io)?;
         c.execs.insert(exec.to_string(), Arc::new(Proc { p: Process::new(id, exec, io), io: pio }));
         drop(inner);
         self.send(TaskEvent::ExecAdded { id: id.into(), exec: exec.into() });

@@ -17,7 +17,7 @@ use crate::agent::{AgentError, ProcessId};
 use crate::image::{self, ImageError};
 use crate::sandbox::{Lifetime, RootSource, Sandbox, SandboxError, SandboxSpec, Volume, GUEST_VOLUMES};
 use crate::spec::{self, BindMount, SpecError, SpecOptions};
-use crate::stdio::{copy_in, copy_out, open_stream};
+use crate::stdio::{copy_in, copy_out, new_secret, open_stream};
 use crate::vsock::DialError;
 use crate::tty;
 
@@ -212,6 +212,7 @@ pub fn run(cfg: &MoatConfig, opts: &RunOptions) -> Result<i32, RunError> {
         pids_limit: opts.pids_limit,
         hostname: id.chars().take(12).collect(),
         no_new_privileges: false,
+        default_seccomp: cfg.default_seccomp,
     };
     let oci = spec::build(&img.config, &img.rootfs, &guest_root, &spec_opts)?;
     let cmd = oci["process"]["args"][0].as_str().unwrap_or_default().to_string();
@@ -282,11 +283,19 @@ fn run_in(
 ) -> Result<i32, RunError> {
     let agent = sandbox.agent().cloned().ok_or_else(|| RunError::Agent(AgentError::Disconnected("no agent".into())))?;
     let uds = sandbox.vsock_path().to_path_buf();
+    let secret = new_secret().map_err(|e| RunError::Usage(format!("cannot make the stdio secret: {e}")))?;
+    let stdio = ProtoStdio {
+        stdin: opts.interactive,
+        stdout: true,
+        stderr: !opts.tty,
+        secret: secret.as_bytes().to_vec(),
+        ..Default::default()
+    };
     let req = CreateContainerRequest {
         container_id: id.to_string(),
         spec: oci.to_string().into_bytes(),
         storages: sandbox.storages(),
-        stdio: Some(ProtoStdio { stdin: opts.interactive, stdout: true, stderr: !opts.tty, ..Default::default() }).into(),
+        stdio: Some(stdio).into(),
         ..Default::default()
     };
     // The agent checks the program while it sets the container up.
@@ -297,9 +306,10 @@ fn run_in(
     })?;
     let proc_id = ProcessId { container: id.to_string(), exec: String::new() };
 
-    let out_stream = open_stream(&uds, id, "", StreamKind::Stdout).map_err(|e| RunError::Stdio("stdout", e))?;
-    let err_stream = if opts.tty { None } else { Some(open_stream(&uds, id, "", StreamKind::Stderr).map_err(|e| RunError::Stdio("stderr", e))?) };
-    let in_stream = if opts.interactive { Some(open_stream(&uds, id, "", StreamKind::Stdin).map_err(|e| RunError::Stdio("stdin", e))?) } else { None };
+    let stream = |kind, name| open_stream(&uds, id, "", kind, &secret).map_err(|e| RunError::Stdio(name, e));
+    let out_stream = stream(StreamKind::Stdout, "stdout")?;
+    let err_stream = if opts.tty { None } else { Some(stream(StreamKind::Stderr, "stderr")?) };
+    let in_stream = if opts.interactive { Some(stream(StreamKind::Stdin, "stdin")?) } else { None };
 
     let stdin_fd = std::io::stdin();
     let host_tty = opts.tty && tty::is_tty(stdin_fd.as_fd());

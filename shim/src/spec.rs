@@ -1,5 +1,7 @@
 //! The OCI runtime spec (config.json) for a container in the guest, built from the
-//! image's config and the run's options, Docker's defaults where the user said nothing.
+//! image's config and the run's options, Docker's defaults where the user said nothing,
+//! and moat's default seccomp profile (`seccomp.rs`) unless the host config turned it
+//! off.
 
 use std::path::Path;
 
@@ -54,6 +56,9 @@ pub struct SpecOptions {
     pub pids_limit: Option<i64>,
     pub hostname: String,
     pub no_new_privileges: bool,
+    /// Give the container moat's default seccomp profile (the host config's
+    /// `default_seccomp`).
+    pub default_seccomp: bool,
 }
 
 /// Why a spec could not be built.
@@ -177,7 +182,7 @@ pub fn build(image: &ImageConfig, rootfs: &Path, guest_root: &str, opts: &SpecOp
     if let Some(n) = opts.pids_limit {
         linux["resources"]["pids"] = json!({"limit": n});
     }
-    Ok(json!({
+    let mut spec = json!({
         "ociVersion": "1.0.2",
         "process": {
             "terminal": opts.terminal,
@@ -193,7 +198,9 @@ pub fn build(image: &ImageConfig, rootfs: &Path, guest_root: &str, opts: &SpecOp
         "hostname": opts.hostname,
         "mounts": mounts,
         "linux": linux
-    }))
+    });
+    crate::seccomp::apply_default(&mut spec, opts.default_seccomp);
+    Ok(spec)
 }
 
 /// The kernel filesystems every container gets (runc's and Docker's defaults).
@@ -268,6 +275,16 @@ mod tests {
         let dests: Vec<&str> = s["mounts"].as_array().expect("mounts").iter().map(|m| m["destination"].as_str().expect("dest")).collect();
         assert_eq!(dests, ["/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys", "/sys/fs/cgroup"]);
         assert!(s["linux"]["resources"].get("pids").is_none());
+        assert!(s["linux"].get("seccomp").is_none(), "default_seccomp is off in these options");
+    }
+
+    #[test]
+    fn moat_run_gets_the_default_seccomp_profile_unless_turned_off() {
+        let r = rootfs();
+        let s = build(&image(), r.path(), "/g", &SpecOptions { default_seccomp: true, ..opts() }).expect("spec");
+        assert_eq!(s["linux"]["seccomp"], crate::seccomp::default_profile(DEFAULT_CAPS));
+        let s = build(&image(), r.path(), "/g", &SpecOptions { default_seccomp: false, ..opts() }).expect("spec");
+        assert!(s["linux"].get("seccomp").is_none());
     }
 
     #[test]
@@ -284,6 +301,7 @@ mod tests {
             pids_limit: Some(64),
             hostname: "h".into(),
             no_new_privileges: true,
+            default_seccomp: false,
         };
         let s = build(&image(), r.path(), "/g", &o).expect("spec");
         let p = &s["process"];

@@ -1,5 +1,7 @@
 //! A process's stdio over vsock: one connection per stream to the agent's
-//! STDIO_PORT, a header line naming the process and stream, then raw bytes.
+//! STDIO_PORT, a header line naming the process and stream and carrying the
+//! process's secret ([`new_secret`], made here and sent to the agent with the
+//! process's CreateContainer or ExecProcess), then raw bytes.
 //!
 //! Copies use plain blocking reads and writes with large buffers on one thread per
 //! stream: bytes of a stream arrive in order on one connection, so nothing is
@@ -13,17 +15,36 @@ use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use moat_protocol::{StdioHeader, StreamKind, STDIO_PORT};
+use moat_protocol::{StdioHeader, StdioSecret, StreamKind, STDIO_PORT, STDIO_SECRET_LEN};
 
 use crate::vsock::{dial, DialError};
 
 /// Copy buffer size: large enough that per-call overhead is noise at GB/s.
 pub const COPY_BUFFER: usize = 1 << 20;
 
-/// Opens the stream `kind` of process (`container`, `exec`).
-pub fn open_stream(uds: &Path, container: &str, exec: &str, kind: StreamKind) -> Result<UnixStream, DialError> {
+/// A fresh secret for one process's stdio, from the kernel's random source.
+pub fn new_secret() -> std::io::Result<StdioSecret> {
+    let mut b = [0u8; STDIO_SECRET_LEN];
+    getrandom::fill(&mut b).map_err(|e| std::io::Error::other(format!("cannot get random bytes: {e}")))?;
+    StdioSecret::from_bytes(&b).map_err(std::io::Error::other)
+}
+
+/// Opens the stream `kind` of process (`container`, `exec`), presenting the
+/// process's `secret`.
+pub fn open_stream(
+    uds: &Path,
+    container: &str,
+    exec: &str,
+    kind: StreamKind,
+    secret: &StdioSecret,
+) -> Result<UnixStream, DialError> {
     let mut s = dial(uds, STDIO_PORT, Duration::from_secs(10))?;
-    let header = StdioHeader { container_id: container.to_string(), exec_id: exec.to_string(), stream: kind };
+    let header = StdioHeader {
+        container_id: container.to_string(),
+        exec_id: exec.to_string(),
+        stream: kind,
+        secret: secret.clone(),
+    };
     s.write_all(header.to_line().as_bytes()).map_err(|source| DialError::Io { port: STDIO_PORT, source })?;
     Ok(s)
 }
@@ -88,6 +109,42 @@ pub fn copy_in(
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    #[test]
+    fn secrets_are_fresh_and_full_length() {
+        let a = new_secret().expect("secret");
+        let b = new_secret().expect("secret");
+        assert_eq!(a.as_bytes().len(), STDIO_SECRET_LEN);
+        assert_ne!(a, b);
+        assert!(a.as_bytes().iter().any(|&x| x != 0));
+    }
+
+    /// A stream presents its process's secret first thing: the agent reads exactly
+    /// this header line before it attaches anything.
+    #[test]
+    fn open_stream_presents_the_secret() {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("v.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+        let h = std::thread::spawn(move || {
+            let (s, _) = l.accept().expect("accept");
+            let mut r = std::io::BufReader::new(s.try_clone().expect("clone"));
+            let mut connect = String::new();
+            r.read_line(&mut connect).expect("CONNECT");
+            (&s).write_all(b"OK 1073741825\n").expect("reply");
+            let mut header = String::new();
+            r.read_line(&mut header).expect("header");
+            (connect, header)
+        });
+        let secret = new_secret().expect("secret");
+        let _s = open_stream(&path, "c1", "e1", StreamKind::Stderr, &secret).expect("open");
+        let (connect, header) = h.join().expect("server");
+        assert_eq!(connect, format!("CONNECT {STDIO_PORT}\n"));
+        let parsed = StdioHeader::parse(&header).expect("a header the agent takes");
+        assert_eq!((parsed.container_id.as_str(), parsed.exec_id.as_str(), parsed.stream), ("c1", "e1", StreamKind::Stderr));
+        assert!(parsed.secret == secret, "the header carries the process's secret");
+    }
 
     #[test]
     fn copy_out_moves_every_byte_in_order() {
