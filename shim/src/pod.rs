@@ -406,8 +406,7 @@ impl Pod {
             TaskState::Created => {
                 // Never started: it ends here, as a runtime's killed init would.
                 let exit = Exit { status: 128 + signal.clamp(0, 127) as u32, at: SystemTime::now() };
-                self.send(TaskEvent::Exit { id: id.into(), exec: exec.into(), pid, exit });
-                proc.p.exited(exit)?;
+                proc.p.exited_then(exit, || self.send(TaskEvent::Exit { id: id.into(), exec: exec.into(), pid, exit }))?;
                 Ok(())
             }
             TaskState::Running | TaskState::Paused => agent
@@ -551,8 +550,9 @@ fn remove_container_dirs(id: &str, dirs: &[PathBuf]) {
 }
 
 /// Waits for a started process to exit, then for its output to be written out, and
-/// only then reports the exit (event first, so a Delete that follows a Wait is
-/// always published after it).
+/// only then reports the exit: the event and the state change happen together
+/// ([`crate::task::Process::exited_then`]), so a Delete is always published after the
+/// exit, and a client that deletes as soon as it hears of it is never refused.
 fn watch_exit(agent: Agent, proc: Arc<Proc>, events: Sender<TaskEvent>, id: String, exec: String, pid: u32) {
     let status = match agent.wait_process(&ProcessId { container: id.clone(), exec: exec.clone() }) {
         Ok(s) => u32::try_from(s).unwrap_or(EXIT_VM_DIED),
@@ -564,8 +564,9 @@ fn watch_exit(agent: Agent, proc: Arc<Proc>, events: Sender<TaskEvent>, id: Stri
     proc.io.drain();
     let exit = Exit { status, at: SystemTime::now() };
     log::info!("{id}/{exec}: exited with status {status}");
-    let _ = events.send(TaskEvent::Exit { id: id.clone(), exec: exec.clone(), pid, exit });
-    if let Err(e) = proc.p.exited(exit) {
+    if let Err(e) = proc.p.exited_then(exit, || {
+        let _ = events.send(TaskEvent::Exit { id: id.clone(), exec: exec.clone(), pid, exit });
+    }) {
         // Killed before it started and reported then: nothing more to say.
         log::debug!("{id}/{exec}: {e}");
     }

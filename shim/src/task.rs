@@ -138,8 +138,19 @@ impl Process {
 
     /// -> Stopped with its exit; wakes every waiter. A second exit is refused.
     pub fn exited(&self, exit: Exit) -> Result<(), StateError> {
+        self.exited_then(exit, || {})
+    }
+
+    /// [`Process::exited`], running `report` (publishing the exit event) under the
+    /// process's lock between the check and the change: nobody sees the process
+    /// Stopped before its exit was reported (a Delete published after it), nor
+    /// Running once it was (a client that got the event and deletes at once is not
+    /// refused). `report` runs only if the transition is legal.
+    pub fn exited_then(&self, exit: Exit, report: impl FnOnce()) -> Result<(), StateError> {
         let mut i = self.lock();
-        i.state = i.state.to(TaskState::Stopped)?;
+        let to = i.state.to(TaskState::Stopped)?;
+        report();
+        i.state = to;
         i.exit = Some(exit);
         self.exited.notify_all();
         Ok(())
@@ -168,6 +179,29 @@ impl Process {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that deletes the moment it hears of the exit must find the process
+    /// Stopped (Docker's `run --rm` does exactly that).
+    #[test]
+    fn the_exit_is_visible_once_it_is_reported() {
+        let p = std::sync::Arc::new(Process::new("c", "", IoPaths::default()));
+        p.started(1).expect("start");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let p2 = p.clone();
+        let deleter = std::thread::spawn(move || {
+            rx.recv().expect("event");
+            p2.set(TaskState::Deleted)
+        });
+        let exit = Exit { status: 0, at: std::time::SystemTime::now() };
+        p.exited_then(exit, || {
+            tx.send(()).expect("send");
+            // Give the deleter every chance to act on the event before the state changes.
+            std::thread::sleep(Duration::from_millis(50));
+        })
+        .expect("exit");
+        assert!(deleter.join().expect("deleter").is_ok(), "Delete right after the exit event was refused");
+        assert!(p.exited_then(exit, || panic!("a refused exit must not report")).is_err());
+    }
     use TaskState::*;
 
     #[test]
