@@ -63,6 +63,9 @@ check() { # NAME CMD...
 		pgrep -af 'moat|virtiofsd' | sed 's/^/    process: /'
 		tail -n 20 "$d/dockerd.log" | sed 's/^/    dockerd: /'
 		grep -v 'level=debug' "$d/containerd.log" | tail -n 20 | sed 's/^/    containerd: /'
+		# The shims' own lines (they log through containerd) and each live VM's console.
+		grep -aE 'msg="(sandbox |pod |[0-9a-f]{12,}/)' "$d/containerd.log" | tail -n 30 | sed 's/^/    shim: /'
+		for f in /run/moat/*/jail/console.log; do [ -f "$f" ] && tail -n 15 "$f" | sed "s|^|    console $(basename "$(dirname "$(dirname "$f")")" | cut -c1-12): |"; done
 	fi
 	return "$rc"
 }
@@ -140,9 +143,11 @@ detached_lifecycle() { # run -d, exec, logs, stop with a TERM handler, rm
 }
 
 kill_container() { # docker kill: 137
-	local rc
+	local rc t0
 	"${docker[@]}" run -d --name kc --network none --runtime moat "$image" sleep 1000 || return
+	t0=$EPOCHREALTIME
 	"${docker[@]}" kill kc || return
+	echo "docker kill took $(awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }') s"
 	"${docker[@]}" wait kc >/dev/null
 	rc=$("${docker[@]}" inspect -f '{{.State.ExitCode}}' kc)
 	"${docker[@]}" rm kc >/dev/null
