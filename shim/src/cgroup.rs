@@ -15,6 +15,11 @@ use std::time::{Duration, Instant};
 
 /// The record in a state dir: the cgroup directories moat created, innermost last.
 pub const CGROUP_FILE: &str = "cgroup";
+/// Marks a parent cgroup that moat created for pods (not the admin's or systemd's),
+/// so the last pod below it removes it, whichever pod created it.
+pub const CREATED_XATTR: &str = "trusted.moat.created";
+/// Tries at creating a pod's cgroup while other pods remove the parents they share.
+const CREATE_ATTEMPTS: u32 = 5;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -110,22 +115,13 @@ pub struct PodCgroup {
 impl PodCgroup {
     /// Creates `rel` below the cgroup v2 root (parents too) and records in
     /// `state_dir` what it created, so it can be removed later even by another process.
+    /// The parents it creates are marked ([`CREATED_XATTR`]): pods share them (ctr's
+    /// `/<namespace>/<id>`, `moat run`'s `/moat/<id>`), and whichever pod goes last
+    /// removes them ([`remove_recorded`]).
     pub fn create(rel: &Path, state_dir: &Path) -> Result<PodCgroup, CgroupError> {
         check_relative(rel).map_err(|_| CgroupError::BadPath(rel.display().to_string()))?;
         let root = cgroup2_root().ok_or(CgroupError::NoCgroup2)?;
-        let mut created = Vec::new();
-        let mut dir = root.clone();
-        for c in rel.components().filter(|c| matches!(c, Component::Normal(_))) {
-            dir.push(c);
-            match std::fs::create_dir(&dir) {
-                Ok(()) => created.push(dir.clone()),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(source) => {
-                    remove_dirs(&created);
-                    return Err(CgroupError::Create { path: dir, source });
-                }
-            }
-        }
+        let (dir, created) = create_chain(&root, rel)?;
         if !dir.join("cgroup.procs").exists() {
             remove_dirs(&created);
             return Err(CgroupError::Create { path: dir, source: std::io::Error::other("not a cgroup v2 directory") });
@@ -140,8 +136,50 @@ impl PodCgroup {
     }
 }
 
-/// Removes the cgroups recorded in `state_dir` (innermost first), waiting up to
-/// `timeout` for their last processes to go. Returns those that could not be removed.
+/// Creates each directory of `rel` below `root` that is missing; returns the leaf and
+/// those it created, outermost first. A parent another pod removes between our
+/// finding it and creating its child (ENOENT) is created again, a few times at most.
+fn create_chain(root: &Path, rel: &Path) -> Result<(PathBuf, Vec<PathBuf>), CgroupError> {
+    let parts: Vec<_> = rel.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+    let mut attempt = 0;
+    'again: loop {
+        attempt += 1;
+        let mut created = Vec::new();
+        let mut dir = root.to_path_buf();
+        for (i, c) in parts.iter().enumerate() {
+            dir.push(c);
+            match std::fs::create_dir(&dir) {
+                Ok(()) => {
+                    if i + 1 < parts.len() {
+                        // Best effort: unmarked, it is still removed by its creator.
+                        let _ = rustix::fs::setxattr(&dir, CREATED_XATTR, b"1", rustix::fs::XattrFlags::empty());
+                    }
+                    created.push(dir.clone());
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && attempt < CREATE_ATTEMPTS => {
+                    remove_dirs(&created);
+                    continue 'again;
+                }
+                Err(source) => {
+                    remove_dirs(&created);
+                    return Err(CgroupError::Create { path: dir, source });
+                }
+            }
+        }
+        return Ok((dir, created));
+    }
+}
+
+fn is_marked(dir: &Path) -> bool {
+    let mut v = [0u8; 8];
+    rustix::fs::getxattr(dir, CREATED_XATTR, &mut v).is_ok()
+}
+
+/// Removes the pod cgroup recorded in `state_dir`, waiting up to `timeout` for its
+/// last processes to go, then each parent above it that moat created (recorded, or
+/// marked by another pod's moat) and that no other pod still uses. Returns the pod
+/// cgroup if it could not be removed.
 pub fn remove_recorded(state_dir: &Path, timeout: Duration) -> Vec<PathBuf> {
     let Ok(text) = std::fs::read_to_string(state_dir.join(CGROUP_FILE)) else { return Vec::new() };
     let root = cgroup2_root();
@@ -151,25 +189,40 @@ pub fn remove_recorded(state_dir: &Path, timeout: Duration) -> Vec<PathBuf> {
         // Only ever below the cgroup v2 root: the record is ours, but be strict.
         .filter(|d| root.as_ref().is_some_and(|r| d.starts_with(r) && d != r) && check_relative(d).is_ok())
         .collect();
+    let Some(leaf) = dirs.last() else {
+        let _ = std::fs::remove_file(state_dir.join(CGROUP_FILE));
+        return Vec::new();
+    };
     let end = Instant::now() + timeout;
-    let mut left = Vec::new();
-    for d in dirs.iter().rev() {
-        loop {
-            match std::fs::remove_dir(d) {
-                Ok(()) => break,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                // EBUSY: a process is still exiting; ENOTEMPTY: a child cgroup.
-                Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
-                Err(e) => {
-                    log::warn!("cannot remove cgroup {}: {e}", d.display());
-                    left.push(d.clone());
-                    break;
-                }
+    loop {
+        match std::fs::remove_dir(leaf) {
+            Ok(()) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+            // EBUSY: a process is still exiting; ENOTEMPTY: a child cgroup.
+            Err(_) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => {
+                // The record stays, for a later `delete` to try again.
+                log::warn!("cannot remove cgroup {}: {e}", leaf.display());
+                return vec![leaf.clone()];
+            }
+        }
+    }
+    // The parents: one try each, innermost first. One that is busy (another pod's
+    // cgroup below it) is that pod's to remove when it goes.
+    if let Some(root) = root {
+        for parent in leaf.ancestors().skip(1).take_while(|p| p.starts_with(&root) && *p != root) {
+            if !(dirs.iter().any(|d| d == parent) || is_marked(parent)) {
+                break;
+            }
+            match std::fs::remove_dir(parent) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(_) => break,
             }
         }
     }
     let _ = std::fs::remove_file(state_dir.join(CGROUP_FILE));
-    left
+    Vec::new()
 }
 
 fn remove_dirs(dirs: &[PathBuf]) {
@@ -214,5 +267,38 @@ mod tests {
         let top = cgroup2_root().expect("root").join(format!("moat-unit-{}", std::process::id()));
         assert!(!top.exists(), "every directory moat created is gone");
         assert!(PodCgroup::create(Path::new("/a/../b"), state.path()).is_err());
+    }
+
+    /// Pods share the parents moat creates (ctr's `/<namespace>/<id>`): whichever goes
+    /// last removes them, not only the one that created them; a parent moat did not
+    /// create stays.
+    #[test]
+    fn shared_parents_go_with_the_last_pod() {
+        if !rustix::process::geteuid().is_root() || cgroup2_root().is_none() {
+            eprintln!("*** shared_parents_go_with_the_last_pod needs root and cgroup v2; NOT RUN ***");
+            return;
+        }
+        let root = cgroup2_root().expect("root");
+        let top = format!("moat-unit-shared-{}", std::process::id());
+        let (a, b) = (tempfile::tempdir().expect("tmp"), tempfile::tempdir().expect("tmp"));
+        PodCgroup::create(&PathBuf::from(format!("/{top}/ns/a")), a.path()).expect("create a");
+        PodCgroup::create(&PathBuf::from(format!("/{top}/ns/b")), b.path()).expect("create b");
+        let recorded = std::fs::read_to_string(b.path().join(CGROUP_FILE)).expect("record");
+        assert_eq!(recorded.lines().count(), 1, "b created only its own: {recorded}");
+        // The creator goes first: its pod's cgroup goes, the shared parents stay.
+        assert!(remove_recorded(a.path(), Duration::from_secs(1)).is_empty());
+        assert!(!root.join(&top).join("ns/a").exists());
+        assert!(root.join(&top).join("ns/b").exists(), "the other pod's cgroup stays");
+        // The last one removes the parents, though it did not create them.
+        assert!(remove_recorded(b.path(), Duration::from_secs(1)).is_empty());
+        assert!(!root.join(&top).exists(), "the parents moat created are gone");
+
+        // A parent that was there before (the admin's) stays.
+        std::fs::create_dir(root.join(&top)).expect("admin's parent");
+        PodCgroup::create(&PathBuf::from(format!("/{top}/ns/c")), a.path()).expect("create c");
+        assert!(remove_recorded(a.path(), Duration::from_secs(1)).is_empty());
+        assert!(!root.join(&top).join("ns").exists(), "moat's parent is gone");
+        assert!(root.join(&top).exists(), "the admin's parent stays");
+        std::fs::remove_dir(root.join(&top)).expect("cleanup");
     }
 }
