@@ -22,6 +22,11 @@ use crate::vsock::{dial, DialError};
 /// Copy buffer size: large enough that per-call overhead is noise at GB/s.
 pub const COPY_BUFFER: usize = 1 << 20;
 
+/// How long opening a stream may take. A live guest answers at once; one whose vCPUs
+/// the host has not run for a while (many pods booting on few cores) answers late,
+/// and the VMM gives up on it only after its own, not shorter, limit (`ANSWER_TIMEOUT`).
+pub const STDIO_DIAL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A fresh secret for one process's stdio, from the kernel's random source.
 pub fn new_secret() -> std::io::Result<StdioSecret> {
     let mut b = [0u8; STDIO_SECRET_LEN];
@@ -38,7 +43,7 @@ pub fn open_stream(
     kind: StreamKind,
     secret: &StdioSecret,
 ) -> Result<UnixStream, DialError> {
-    let mut s = dial(uds, STDIO_PORT, Duration::from_secs(10))?;
+    let mut s = dial(uds, STDIO_PORT, STDIO_DIAL_TIMEOUT)?;
     let header = StdioHeader {
         container_id: container.to_string(),
         exec_id: exec.to_string(),

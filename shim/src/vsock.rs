@@ -20,6 +20,9 @@ pub enum DialError {
     },
     #[error("guest port {port} refused the connection")]
     Refused { port: u32 },
+    /// The VMM's own refusal: too many connections, or the guest did not answer.
+    #[error("guest port {port}: the VMM says: {reason}")]
+    Vmm { port: u32, reason: String },
     #[error("guest port {port}: unexpected handshake reply {reply:?}")]
     BadReply { port: u32, reply: String },
     #[error("guest port {port}: handshake failed")]
@@ -65,6 +68,10 @@ pub fn dial(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream, Dial
         }
     }
     let text = String::from_utf8_lossy(&reply).into_owned();
+    if let Some(reason) = text.strip_prefix("ERR ") {
+        // Escaped: an error message carries no control characters.
+        return Err(DialError::Vmm { port, reason: reason.escape_debug().to_string() });
+    }
     let ok = text.strip_prefix("OK ").is_some_and(|n| !n.is_empty() && n.bytes().all(|c| c.is_ascii_digit()));
     if !ok {
         return Err(DialError::BadReply { port, reply: text });
@@ -129,6 +136,9 @@ mod tests {
     fn refusals_and_garbage() {
         let (_d, path, h) = serve(b"");
         assert!(matches!(dial(&path, 5, Duration::from_secs(5)), Err(DialError::Refused { port: 5 })));
+        let (_d, path, _h) = serve(b"ERR the guest did not answer\n");
+        let e = dial(&path, 5, Duration::from_secs(5)).expect_err("ERR");
+        assert_eq!(e.to_string(), "guest port 5: the VMM says: the guest did not answer");
         h.join().expect("server");
         let (_d, path, h) = serve(b"NO\n");
         assert!(matches!(dial(&path, 5, Duration::from_secs(5)), Err(DialError::BadReply { .. })));

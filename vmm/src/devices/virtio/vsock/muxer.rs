@@ -35,10 +35,14 @@ const MAX_HANDSHAKE_LINE: usize = 32;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// How long a host-initiated connection waits for the guest to answer its REQUEST,
 /// from when the REQUEST reached the guest's RX ring. A live guest kernel answers at
-/// once (RESPONSE, or RST when nothing listens), whatever its programs do. Not
-/// shorter than the longest handshake the shim waits for (10 s, stdio streams), so
-/// the VMM never gives up on a dial before its caller does.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// once (RESPONSE, or RST when nothing listens), whatever its programs do, but a
+/// guest whose vCPUs the host does not run for a while (many pods booting on few
+/// cores) answers late. Not shorter than the longest handshake the shim waits for
+/// (30 s, stdio streams), so the VMM never gives up on a dial before its caller does.
+/// The dialer is told (`ERR ...`) rather than left to take the close for a refusal.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// What a dial the guest did not answer in time reads before its close.
+pub const ANSWER_TIMEOUT_REPLY: &[u8] = b"ERR the guest did not answer\n";
 /// How long a connection whose host side hung up with bytes the guest has not taken
 /// (it gives no credit) is kept for the guest to take them; the clock restarts each
 /// time it takes some. A guest kernel takes up to its socket buffer (256 KiB by
@@ -218,6 +222,10 @@ impl Muxer {
             .map(|(k, _)| *k)
             .collect();
         for key in unanswered {
+            if let Some(c) = self.conns.get_mut(&key) {
+                // Non-blocking, and a fresh socket's buffer holds it: best effort.
+                let _ = c.stream.write_all(ANSWER_TIMEOUT_REPLY);
+            }
             self.forget_unanswered(key);
         }
         let undrained: Vec<Key> = self.conns.iter().filter(|(_, c)| due(c.drain_by)).map(|(k, _)| *k).collect();

@@ -394,7 +394,7 @@ fn an_unanswered_request_times_out() {
     assert_eq!({ deliver_all(&mut m)[0].0.op }, OP_RST, "the guest is told");
     let mut rest = Vec::new();
     d.read_to_end(&mut rest).expect("EOF for the dial");
-    assert!(rest.is_empty());
+    assert_eq!(rest, ANSWER_TIMEOUT_REPLY, "the dialer is told why");
 }
 
 #[test]
