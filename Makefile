@@ -1,7 +1,7 @@
 # moat — build, install, test and benchmark.
 #
 #   make run        build everything and boot a microVM with the embedded defaults
-#   make test       unit tests, KVM plumbing tests, and real-KVM boot tests
+#   make test       unit tests, fuzzing, KVM plumbing tests, and real-KVM boot tests
 #   make bench-boot boot-time / VM-exit / memory comparison with QEMU microvm
 #   make bench-vsock vsock echo throughput, moat's hybrid vsock vs QEMU vhost-vsock
 #   make bench-run  `moat run` versus runc: start, stdout MB/s, small files on the share
@@ -21,7 +21,7 @@ SHAREDIR   := $(PREFIX)/share/moat
 TESTHOST   := integration/testhost
 IMAGES     := $(BUILD)/images
 
-.PHONY: all deps build guest images install run test test-unit test-kvm bench-boot bench-vsock bench-run bench-ctr clean
+.PHONY: all deps build guest images install run test test-unit test-fuzz test-kvm bench-boot bench-vsock bench-run bench-ctr clean
 
 all: build guest
 
@@ -95,12 +95,18 @@ run: build guest images
 	$(TESTHOST) run -- sh -c 'echo "host kernel: $$(uname -r)"; \
 	  moat run $(IMAGES)/busybox-oci -- sh -c "echo container kernel: \$$(uname -r); id; ls /"'
 
-test: test-unit test-kvm
+test: test-unit test-fuzz test-kvm
 
 # Unit tests and the VMM's KVM plumbing tests (tiny guests; they run on any /dev/kvm).
 test-unit: guest
 	@test -e /dev/kvm || echo "*** WARNING: /dev/kvm is missing: the KVM plumbing tests (vmm/tests/kvm_plumbing.rs) run no guest here ***"
 	$(CARGO) test --locked --workspace
+
+# Fuzzing: every cargo-fuzz target (vmm/fuzz, shim/fuzz) built and run for
+# MOAT_FUZZ_SECONDS (20) each from its committed seeds; a crash or failed check fails.
+# cargo-fuzz and the targets' builds are cached under /var/cache/moat.
+test-fuzz: deps
+	integration/fuzz.sh
 
 # Real boot tests: every integration test binary (boot, agent, run, ...) runs where
 # KVM can boot Linux, one after another in one test host; the first failure stops.

@@ -124,29 +124,34 @@ mod tests {
         let got = std::thread::spawn(move || {
             install().expect("install");
             let f = dir.join("f");
-            let mut out = Vec::new();
-            out.push(errno(std::fs::write(&f, b"x")));
-            out.push(errno(std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755))));
-            out.push(errno(std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o4755))));
-            out.push(errno(std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o2755))));
+            let chmod = |mode| std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode));
             let create = |name: &str, mode| std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(dir.join(name)).map(drop);
-            out.push(errno(create("plain", 0o644)));
-            out.push(errno(create("suid", 0o4755)));
-            out.push(errno(create("sgid", 0o2755)));
             let mkdir = |name: &str, mode| std::fs::DirBuilder::new().mode(mode).create(dir.join(name));
-            out.push(errno(mkdir("sgid-dir", 0o2775)));
-            out.push(errno(mkdir("suid-dir", 0o4775)));
             let mknod = |name: &str, kind, mode| {
                 nix::sys::stat::mknod(&dir.join(name), kind, nix::sys::stat::Mode::from_bits_truncate(mode), nix::sys::stat::makedev(1, 3))
                     .map_err(std::io::Error::from)
             };
-            out.push(errno(mknod("null", nix::sys::stat::SFlag::S_IFCHR, 0o666)));
-            out.push(errno(mknod("fifo", nix::sys::stat::SFlag::S_IFIFO, 0o644)));
-            out.push(errno(mknod("suid-file", nix::sys::stat::SFlag::S_IFREG, 0o4755)));
             // openat2 answers ENOSYS, so callers fall back to openat.
-            let how = rustix::fs::openat2(rustix::fs::CWD, &dir, rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty(), rustix::fs::ResolveFlags::empty());
-            out.push(how.err().map(|e| e.raw_os_error()));
-            out
+            let openat2 = || {
+                rustix::fs::openat2(rustix::fs::CWD, &dir, rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty(), rustix::fs::ResolveFlags::empty())
+                    .err()
+                    .map(|e| e.raw_os_error())
+            };
+            vec![
+                errno(std::fs::write(&f, b"x")),
+                errno(chmod(0o755)),
+                errno(chmod(0o4755)),
+                errno(chmod(0o2755)),
+                errno(create("plain", 0o644)),
+                errno(create("suid", 0o4755)),
+                errno(create("sgid", 0o2755)),
+                errno(mkdir("sgid-dir", 0o2775)),
+                errno(mkdir("suid-dir", 0o4775)),
+                errno(mknod("null", nix::sys::stat::SFlag::S_IFCHR, 0o666)),
+                errno(mknod("fifo", nix::sys::stat::SFlag::S_IFIFO, 0o644)),
+                errno(mknod("suid-file", nix::sys::stat::SFlag::S_IFREG, 0o4755)),
+                openat2(),
+            ]
         })
         .join()
         .expect("thread");

@@ -278,7 +278,7 @@ mod tests {
         assert!(matches!(b.create_file(Path::new("c2/mounts/0")), Err(SafeFsError::Unsafe { .. })));
         std::fs::create_dir_all(share.join("c3/mounts")).expect("c3");
         std::os::unix::fs::symlink(victim.join("shadow"), share.join("c3/mounts/0")).expect("symlink");
-        let e = b.create_file(Path::new("c3/mounts/0")).err().expect("a symlinked file target");
+        let e = b.create_file(Path::new("c3/mounts/0")).expect_err("a symlinked file target");
         assert!(matches!(e, SafeFsError::Unsafe { .. }), "{e}");
         std::os::unix::fs::symlink("../../victim", share.join("c3/mounts/1")).expect("relative symlink");
         assert!(matches!(b.mkdir_all(Path::new("c3/mounts/1")), Err(SafeFsError::Unsafe { .. })));
