@@ -43,7 +43,9 @@ fn run(data: &[u8]) {
 
     let layout = GuestLayout { bundle: bundle.path().into(), guest_dir: "/run/moat/shared/c1".into(), guest_vol_dir: "/run/moat/volumes/c1".into() };
     let before = spec.clone();
-    let Ok((g, binds)) = guest_spec(spec, &layout) else { return };
+    // With the default seccomp profile on (the host config's default), so it too is
+    // applied to hostile specs.
+    let Ok((g, binds)) = guest_spec(spec, &layout, true) else { return };
     assert_eq!(g["root"]["path"], "/run/moat/shared/c1/rootfs", "root not in the share");
     assert!(g.get("hooks").is_none(), "hooks kept");
     if let Some(linux) = g.get("linux").filter(|l| l.is_object()) {

@@ -4,13 +4,14 @@
 //!
 //! Input: `flags u8` (bit 0: the image's passwd and group are symlinks to the host's
 //! /etc/passwd and /etc/group; bit 1 `-t`; bit 2 `--read-only`; bit 3
-//! no_new_privileges; bit 4 `--pids-limit` given), `pids_limit u32` (as i32), then
+//! no_new_privileges; bit 4 `--pids-limit` given; bit 5 the default seccomp profile), `pids_limit u32` (as i32), then
 //! sections of `len u16` bytes: the image config's `config` object (JSON), passwd,
 //! group, `-u` (empty: none), `-w` (empty: none), `-e` values, the command's
 //! arguments and `-v` values (one per line each), the hostname.
 //!
 //! Checked: no panic; a built spec has a command, an absolute cwd, each environment
-//! key once (PATH among them), absolute mount destinations, a positive pids limit; and
+//! key once (PATH among them), absolute mount destinations, a positive pids limit, the
+//! default seccomp profile exactly when asked for; and
 //! a user name never resolves through the host's own /etc/passwd.
 #![no_main]
 
@@ -64,8 +65,14 @@ fn run(data: &[u8]) {
         pids_limit: (flags & 16 != 0).then_some(i64::from(pids_limit)),
         hostname: r.text(),
         no_new_privileges: flags & 8 != 0,
+        default_seccomp: flags & 32 != 0,
     };
     let Ok(spec) = build(&image, &root, "/run/moat/shared/rootfs", &opts) else { return };
+    assert_eq!(
+        spec["linux"]["seccomp"].is_object(),
+        opts.default_seccomp,
+        "the default seccomp profile is there exactly when asked for"
+    );
     let p = &spec["process"];
     assert!(p["args"].as_array().is_some_and(|a| !a.is_empty()), "no command");
     assert!(p["cwd"].as_str().is_some_and(|c| c.starts_with('/')), "relative cwd");
