@@ -356,7 +356,8 @@ impl Pod {
             TaskEvent::ExecStarted { id: id.into(), exec: exec.into(), pid }
         });
         let (events, id, exec) = (self.events.clone(), id.to_string(), exec.to_string());
-        std::thread::spawn(move || watch_exit(agent, proc, events, id, exec, pid));
+        let why = self.lock().sandbox.as_ref().map(|s| s.diagnosis());
+        std::thread::spawn(move || watch_exit(agent, proc, events, id, exec, pid, why));
         Ok(pid)
     }
 
@@ -553,11 +554,21 @@ fn remove_container_dirs(id: &str, dirs: &[PathBuf]) {
 /// only then reports the exit: the event and the state change happen together
 /// ([`crate::task::Process::exited_then`]), so a Delete is always published after the
 /// exit, and a client that deletes as soon as it hears of it is never refused.
-fn watch_exit(agent: Agent, proc: Arc<Proc>, events: Sender<TaskEvent>, id: String, exec: String, pid: u32) {
+fn watch_exit(
+    agent: Agent,
+    proc: Arc<Proc>,
+    events: Sender<TaskEvent>,
+    id: String,
+    exec: String,
+    pid: u32,
+    why: Option<crate::sandbox::Diagnosis>,
+) {
     let status = match agent.wait_process(&ProcessId { container: id.clone(), exec: exec.clone() }) {
         Ok(s) => u32::try_from(s).unwrap_or(EXIT_VM_DIED),
         Err(e) => {
-            log::warn!("{id}/{exec}: lost the process ({e}); reporting it killed");
+            // The console says whether the guest died (a panic, a reset) or only the agent.
+            let report = why.map(|d| format!("; the guest console's tail:\n{}", d.report())).unwrap_or_default();
+            log::warn!("{id}/{exec}: lost the process ({e}); reporting it killed{report}");
             EXIT_VM_DIED
         }
     };

@@ -700,16 +700,13 @@ impl Sandbox {
     }
 
     fn console_and_vmm_log(&self) -> String {
-        let vmm = tail(&self.dir.join("vmm.log"), 5);
-        let mut console = tail(&self.console, CONSOLE_TAIL_LINES);
-        if console.is_empty() {
-            console = "  (empty)".into();
-        }
-        if vmm.is_empty() {
-            console
-        } else {
-            format!("{console}\nmoat-vmm:\n{vmm}")
-        }
+        self.diagnosis().report()
+    }
+
+    /// Where to look when the VM goes away unasked: for a caller that outlives its
+    /// hold on the sandbox (a process's exit watcher).
+    pub fn diagnosis(&self) -> Diagnosis {
+        Diagnosis { console: self.console.clone(), vmm_log: self.dir.join("vmm.log") }
     }
 
     /// Copies the agent's own log into ours (debug level), bounded.
@@ -805,6 +802,29 @@ fn stop_child(child: &mut Child, what: &str, id: &str, grace: Duration) {
 }
 
 /// The last `lines` lines of a log (its last 64 KiB at most), made printable.
+/// The guest console's and moat-vmm's log tails of one sandbox.
+#[derive(Clone, Debug)]
+pub struct Diagnosis {
+    console: PathBuf,
+    vmm_log: PathBuf,
+}
+
+impl Diagnosis {
+    /// The console's last lines, then moat-vmm's own.
+    pub fn report(&self) -> String {
+        let vmm = tail(&self.vmm_log, 5);
+        let mut console = tail(&self.console, CONSOLE_TAIL_LINES);
+        if console.is_empty() {
+            console = "  (empty)".into();
+        }
+        if vmm.is_empty() {
+            console
+        } else {
+            format!("{console}\nmoat-vmm:\n{vmm}")
+        }
+    }
+}
+
 pub fn tail(path: &Path, lines: usize) -> String {
     let Ok(mut f) = File::open(path) else { return String::new() };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
