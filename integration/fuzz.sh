@@ -3,9 +3,9 @@
 # bounded time from its committed seeds; any crash, failed check, hang
 # (-timeout) or build failure fails the run. `make test-fuzz` runs it.
 #
-# cargo-fuzz is installed from crates.io at the version pinned below and cached by a
-# hash of (its version, the rustc version) under ${MOAT_CACHE:-/var/cache/moat},
-# as is the fuzz targets' build directory, so a second run rebuilds only moat's own
+# cargo-fuzz is installed from crates.io at the version pinned below and cached
+# (rootfs/cargo-install-cached.sh) under ${MOAT_CACHE:-/var/cache/moat}, as is the
+# fuzz targets' build directory, so a second run rebuilds only moat's own
 # crates. Only the stable toolchain is needed: RUSTC_BOOTSTRAP lets it take the -Z
 # flags libFuzzer's instrumentation uses.
 #
@@ -20,22 +20,10 @@ root=$PWD
 version=0.13.2
 secs=${MOAT_FUZZ_SECONDS:-20}
 cache_root=${MOAT_CACHE:-/var/cache/moat}
-key=$( (echo "cargo-fuzz $version"; rustc --version) | sha256sum | cut -c1-16)
-tool="$cache_root/cargo-fuzz/$key"
 out="$root/build/fuzz"
 started=$(date +%s)
 
-mkdir -p "$cache_root/cargo-fuzz"
-(
-    flock 9
-    if [ ! -x "$tool/bin/cargo-fuzz" ]; then
-        echo "fuzz: installing cargo-fuzz $version (once)" >&2
-        rm -rf "$tool.tmp"
-        cargo install --quiet --locked --root "$tool.tmp" "cargo-fuzz@$version"
-        rm -rf "$tool"
-        mv "$tool.tmp" "$tool"
-    fi
-) 9>"$cache_root/cargo-fuzz/.lock"
+tool=$(rootfs/cargo-install-cached.sh cargo-fuzz "$version")
 export PATH="$tool/bin:$PATH"
 export RUSTC_BOOTSTRAP=1
 # Optimized, with debug assertions and overflow checks, under AddressSanitizer
