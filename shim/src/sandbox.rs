@@ -673,10 +673,10 @@ impl Sandbox {
                 return Err(SandboxError::Interrupted);
             }
             if let Some(status) = self.vmm_exited() {
-                return Err(SandboxError::VmmExited { status: status.to_string(), console: self.console_and_vmm_log() });
+                return Err(SandboxError::VmmExited { status: status.to_string(), console: self.diagnosis().report() });
             }
             if start.elapsed() > boot_timeout {
-                return Err(SandboxError::BootTimeout { secs: boot_timeout.as_secs(), console: self.console_and_vmm_log() });
+                return Err(SandboxError::BootTimeout { secs: boot_timeout.as_secs(), console: self.diagnosis().report() });
             }
             if self.vsock.exists() {
                 // Until the agent listens, the VMM may refuse, close, or leave the
@@ -697,10 +697,6 @@ impl Sandbox {
         self.agent = Some(agent);
         self.forward_agent_log();
         Ok(())
-    }
-
-    fn console_and_vmm_log(&self) -> String {
-        self.diagnosis().report()
     }
 
     /// Where to look when the VM goes away unasked: for a caller that outlives its
@@ -801,7 +797,6 @@ fn stop_child(child: &mut Child, what: &str, id: &str, grace: Duration) {
     let _ = child.wait();
 }
 
-/// The last `lines` lines of a log (its last 64 KiB at most), made printable.
 /// The guest console's and moat-vmm's log tails of one sandbox.
 #[derive(Clone, Debug)]
 pub struct Diagnosis {
@@ -825,6 +820,7 @@ impl Diagnosis {
     }
 }
 
+/// The last `lines` lines of a log (its last 64 KiB at most), made printable.
 pub fn tail(path: &Path, lines: usize) -> String {
     let Ok(mut f) = File::open(path) else { return String::new() };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
